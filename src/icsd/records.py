@@ -1,0 +1,168 @@
+"""The record types every stage reads and writes, and their Arrow schemas.
+
+These are the contract of the run directory (see docs/architecture.md). A stage never reads
+another stage's files except through the readers here and in :mod:`icsd.store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+SelectionStatus = Literal["ok", "parse_error", "invalid", "failed"]
+PairKind = Literal["selected", "summary", "uni"]
+SELECTION_STATUSES: tuple[str, ...] = ("ok", "parse_error", "invalid", "failed")
+PAIR_KINDS: tuple[str, ...] = ("selected", "summary", "uni")
+
+
+@dataclass(frozen=True)
+class Caption:
+    caption_id: str
+    text: str
+    source: str
+    image_id: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    group_id: str
+    member_ids: list[str]
+    scores: list[float]
+
+
+@dataclass(frozen=True)
+class Selection:
+    group_id: str
+    status: str
+    selected_ids: list[str] = field(default_factory=list)
+    summary: str | None = None
+    error: str | None = None
+    model: str = ""
+    prompt_hash: str = ""
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class Score:
+    image_key: str
+    text: str
+    clip_score: float
+
+
+@dataclass(frozen=True)
+class Pair:
+    image_key: str
+    shard: str
+    caption: str
+    kind: str
+
+
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        ("caption_id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("image_id", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.string()),
+        ("member_ids", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+
+SELECTIONS_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.string()),
+        ("status", pa.string()),
+        ("selected_ids", pa.list_(pa.string())),
+        ("summary", pa.string()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("prompt_hash", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+SCORES_SCHEMA = pa.schema([("image_key", pa.string()), ("text", pa.string()), ("clip_score", pa.float32())])
+
+PAIRS_SCHEMA = pa.schema(
+    [("image_key", pa.string()), ("shard", pa.string()), ("caption", pa.string()), ("kind", pa.string())]
+)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Schema of an embeddings part: one L2-normalised float32 vector per caption."""
+    return pa.schema([("caption_id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
+
+
+R = TypeVar("R", Caption, Candidate, Selection, Score, Pair)
+
+SCHEMAS: dict[type, pa.Schema] = {
+    Caption: CAPTIONS_SCHEMA,
+    Candidate: CANDIDATES_SCHEMA,
+    Selection: SELECTIONS_SCHEMA,
+    Score: SCORES_SCHEMA,
+    Pair: PAIRS_SCHEMA,
+}
+
+
+def to_table(records: Sequence[Any], cls: type) -> pa.Table:
+    """Turn records of one type into an Arrow table with that type's schema."""
+    schema = SCHEMAS[cls]
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for rec in records:
+        for name, value in asdict(rec).items():
+            columns[name].append(value)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def from_table(table: pa.Table, cls: type[R]) -> list[R]:
+    """Turn an Arrow table (with at least the type's columns) back into records."""
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"table lacks columns {missing} needed for {cls.__name__}")
+    cols = {n: table.column(n).to_pylist() for n in names}
+    return [cls(**{n: cols[n][i] for n in names}) for i in range(table.num_rows)]
+
+
+def embeddings_table(caption_ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
+    """An embeddings part from ids and an (n, dim) float32 matrix."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if n != len(caption_ids):
+        raise ValueError(f"{len(caption_ids)} ids but {n} vectors")
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    vec = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.Table.from_arrays([pa.array(list(caption_ids), type=pa.string()), vec], schema=embeddings_schema(dim))
+
+
+def embeddings_from_table(table: pa.Table) -> tuple[list[str], np.ndarray]:
+    """Ids and an (n, dim) float32 matrix from an embeddings table, without copying row by row."""
+    ids = table.column("caption_id").to_pylist()
+    col = table.column("vector").combine_chunks()
+    dim = col.type.list_size
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return ids, values.reshape(-1, dim)
+
+
+def iter_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive lists of at most ``size`` items."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
