@@ -172,6 +172,38 @@ def group(
 # (each command below wires one stage module; keep the same shape as above)
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  icsd pairs --run runs/coco\n\n"
+    "  icsd pairs --run runs/coco --kinds selected,summary\n\n"
+    "  icsd pairs --run runs/uni --kinds uni\n\n"
+    "  icsd pairs --run runs/coco --min-clip-score 0.25 --include-nsfw"
+)
+def pairs(
+    run: RunOpt,
+    kinds: Annotated[
+        str | None,
+        typer.Option(help="Pair kinds, comma-separated: selected (default), summary, uni."),
+    ] = None,
+    include_nsfw: Annotated[
+        bool | None, typer.Option("--include-nsfw/--exclude-nsfw", help="Keep images flagged NSFW.")
+    ] = None,
+    min_clip_score: Annotated[
+        float | None, typer.Option(help="Drop pairs whose CLIP score in RUN/scores.parquet is below this.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Pair each rendered image with its selected captions (and/or summary) into RUN/pairs.parquet."""
+    _done(
+        _stage(
+            "pairs",
+            run,
+            config,
+            {"kinds": kinds, "include_nsfw": include_nsfw, "min_clip_score": min_clip_score},
+        )
+    )
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
