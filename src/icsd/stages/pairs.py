@@ -111,11 +111,11 @@ def pairs_for_image(
             tally["no_selection"] += 1
         else:
             for cid in selection.selected_ids:
-                text = captions.get(cid)
-                if text is None:
+                selected = captions.get(cid)
+                if selected is None:
                     tally["unknown_caption_ids"] += 1
                     continue
-                out.append(Pair(image.key, image.shard, text, "selected"))
+                out.append(Pair(image.key, image.shard, selected, "selected"))
     if "summary" in kinds:
         summary: str | None = image.prompt or (selection.summary if selection else None)
         if summary:
