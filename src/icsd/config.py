@@ -78,6 +78,7 @@ class SummarizeConfig(StageConfig):
     concurrency: int = Field(default=64, ge=1)
     timeout: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=6, ge=0)
+    retry_backoff: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1)
     part_size: int = Field(default=1000, ge=1)
     limit: int | None = Field(default=None, ge=1)
@@ -127,7 +128,7 @@ class ScoreConfig(StageConfig):
 
 
 class PairsConfig(StageConfig):
-    kinds: list[Literal["selected", "summary", "uni"]] = Field(default_factory=lambda: ["selected"])
+    kinds: list[Literal["selected", "summary", "uni"]] = Field(default_factory=lambda: ["selected"])  # type: ignore[arg-type]
     include_nsfw: bool = False
     min_clip_score: float | None = None
 

@@ -222,22 +222,43 @@ def clear_part(data_path: str | os.PathLike[str]) -> None:
 
 
 def remove_stale_parts(folder: Path, keep: set[str], pattern: str) -> int:
-    """Delete parts (and markers) under ``folder`` matching ``pattern`` whose names are not in ``keep``."""
-    removed = 0
+    """Delete parts matching ``pattern`` whose names are not in ``keep``, markers whose data file is
+    gone, and temporary files left by a killed writer. Returns how many parts were removed."""
     if not folder.exists():
         return 0
+    removed = 0
     for p in folder.glob(pattern):
-        if p.name not in keep and not p.name.endswith(".done.json"):
+        if p.name not in keep:
             clear_part(p)
             removed += 1
     for m in folder.glob("*.done.json"):
-        data_name = (read_marker(m.with_name(m.name.replace(".done.json", ""))) or {}).get("file")
-        if data_name and not (folder / data_name).exists():
+        stem = m.name.removesuffix(".done.json")
+        if not any(not x.name.endswith(".done.json") for x in folder.glob(stem + ".*")):
             m.unlink()
     for tmp in folder.glob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return removed
+
+
+def read_embeddings(folder: Path) -> tuple[list[str], Any]:
+    """All embedding parts in order as (ids, float32 matrix); a missing or incomplete part is an error."""
+    import numpy as np
+
+    from .records import embeddings_from_table
+
+    parts = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
+    if not parts:
+        raise UserError(f"no embeddings in {folder} (run `icsd embed` first)")
+    ids: list[str] = []
+    mats = []
+    for p in parts:
+        if not is_done(p):
+            raise UserError(f"embedding part {p.name} is incomplete (run `icsd embed` again to finish it)")
+        pid, mat = embeddings_from_table(read_parquet(p))
+        ids.extend(pid)
+        mats.append(mat)
+    return ids, np.concatenate(mats)
 
 
 # ----------------------------------------------------------------------------- run directory

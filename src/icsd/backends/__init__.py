@@ -1,0 +1,1 @@
+"""Swappable model adapters. Backends know nothing of the run directory."""

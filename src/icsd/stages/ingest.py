@@ -1,0 +1,293 @@
+"""Stage 1, ingest: read a caption corpus into ``RUN/captions.parquet``.
+
+Readers: COCO caption annotations, Karpathy split JSON, Flickr token files, plain text, JSONL, CSV
+and Parquet. Every caption is whitespace-normalised; empty, over-long and duplicate-id records are
+dropped and counted by reason. Bad input is one :class:`UserError` naming the file and the record,
+and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import IngestConfig
+from ..errors import UserError
+from ..records import Caption, to_table
+from ..store import RunDir, write_parquet
+from ._base import StageResult, Timer, finish_stage
+
+MAX_CAPTION_CHARS = 2000
+_FLICKR_LINE = re.compile(r"^([^\t#]+)#(\d+)\t(.*)$")
+
+
+@dataclass(frozen=True)
+class RawCaption:
+    """One record as read, before normalisation. ``where`` names it in error messages."""
+
+    caption_id: str
+    text: Any
+    image_id: str | None
+    split: str | None
+    where: str
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def normalise_text(text: str) -> str:
+    """Collapse whitespace and drop control characters (NUL, escape codes, ...)."""
+    cleaned = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return " ".join(cleaned.split())
+
+
+# ----------------------------------------------------------------------------- format detection
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (line {line}, byte {exc.start})") from None
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def detect_format(path: Path) -> str:
+    """Guess the corpus format from the extension and, for JSON and text, the content."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        data = _load_json(path)
+        return _json_kind(data, path)
+    with open(path, "rb") as fh:
+        head = fh.read(65536).decode("utf-8", errors="replace")
+    first = next((ln for ln in head.splitlines() if ln.strip()), "")
+    if _FLICKR_LINE.match(first):
+        return "flickr-token"
+    if first.lstrip().startswith("{"):
+        return "jsonl"
+    return "txt"
+
+
+def _json_kind(data: Any, path: Path) -> str:
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        return "coco"
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        imgs = data["images"]
+        if not imgs or isinstance(imgs[0], dict) and "sentences" in imgs[0]:
+            return "karpathy"
+    raise UserError(
+        f"{path}: JSON is neither COCO caption annotations (annotations[].caption) nor a Karpathy split "
+        "(images[].sentences[].raw); pass --format"
+    )
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_coco(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    data = _load_json(path)
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise UserError(f"{path}: no 'annotations' list (COCO caption format expected)")
+    for i, ann in enumerate(anns):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(ann, dict) or "caption" not in ann:
+            raise UserError(f"{where}: missing field 'caption'")
+        ann_id = ann.get("id", i)
+        image_id = ann.get("image_id")
+        yield RawCaption(str(ann_id), ann["caption"], None if image_id is None else str(image_id), None, where)
+
+
+def read_karpathy(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    data = _load_json(path)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise UserError(f"{path}: no 'images' list (Karpathy split format expected)")
+    wanted = set(cfg.splits)
+    for i, img in enumerate(images):
+        where = f"{path}: images[{i}]"
+        if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
+            raise UserError(f"{where}: missing field 'sentences'")
+        split = img.get("split")
+        if wanted and split not in wanted:
+            continue
+        image_id = img.get("cocoid", img.get("imgid", img.get("filename")))
+        for j, sent in enumerate(img["sentences"]):
+            if not isinstance(sent, dict) or "raw" not in sent:
+                raise UserError(f"{where}.sentences[{j}]: missing field 'raw'")
+            sid = sent.get("sentid", f"{image_id}-{j}")
+            yield RawCaption(str(sid), sent["raw"], None if image_id is None else str(image_id), split, where)
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: line {lineno} is not UTF-8") from None
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
+            yield lineno, line.rstrip("\r\n")
+
+
+def read_flickr_token(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        m = _FLICKR_LINE.match(line)
+        if not m:
+            raise UserError(f"{path}: line {lineno} is not 'name.jpg#i<TAB>caption'")
+        name, idx, text = m.groups()
+        yield RawCaption(f"{name}#{idx}", text, name, None, f"{path}: line {lineno}")
+
+
+def read_txt(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    for lineno, line in _text_lines(path):
+        yield RawCaption(str(lineno), line, None, None, f"{path}: line {lineno}")
+
+
+def _field(row: dict[str, Any], name: str, where: str) -> Any:
+    if name not in row:
+        raise UserError(f"{where}: missing field '{name}' (choose one with --field)")
+    return row[name]
+
+
+def _rows_to_raw(rows: Iterator[tuple[str, Any]], cfg: IngestConfig) -> Iterator[RawCaption]:
+    for index, (where, row) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected an object with field '{cfg.field}'")
+        text = _field(row, cfg.field, where)
+        cid = str(_field(row, cfg.id_field, where)) if cfg.id_field else str(index)
+        image = row.get(cfg.image_field) if cfg.image_field else None
+        yield RawCaption(cid, text, None if image is None else str(image), None, where)
+
+
+def read_jsonl(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    def rows() -> Iterator[tuple[str, Any]]:
+        for lineno, line in _text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}: line {lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: line {lineno} is malformed JSON: {exc.msg}") from None
+
+    return _rows_to_raw(rows(), cfg)
+
+
+def read_csv(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    text = _read_text(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames is None:
+        raise UserError(f"{path}: empty CSV (no header row)")
+    if cfg.field not in reader.fieldnames:
+        raise UserError(f"{path}: no column '{cfg.field}' (columns: {', '.join(reader.fieldnames)}); use --field")
+    return _rows_to_raw(((f"{path}: row {i + 2}", row) for i, row in enumerate(reader)), cfg)
+
+
+def read_parquet_corpus(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not a readable parquet file: {exc}") from None
+    if cfg.field not in table.column_names:
+        raise UserError(f"{path}: no column '{cfg.field}' (columns: {', '.join(table.column_names)}); use --field")
+    return _rows_to_raw(((f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())), cfg)
+
+
+READERS = {
+    "coco": read_coco,
+    "karpathy": read_karpathy,
+    "flickr-token": read_flickr_token,
+    "txt": read_txt,
+    "jsonl": read_jsonl,
+    "csv": read_csv,
+    "parquet": read_parquet_corpus,
+}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def read_corpus(path: Path, cfg: IngestConfig) -> tuple[list[Caption], Counter[str], str]:
+    """All kept captions, the drop counts by reason, and the format used."""
+    if not path.exists():
+        raise UserError(f"corpus not found: {path}")
+    if path.is_dir():
+        raise UserError(f"corpus is a folder, not a file: {path}")
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    dropped: Counter[str] = Counter()
+    seen: set[str] = set()
+    kept: list[Caption] = []
+    source = path.name
+    for raw in READERS[fmt](path, cfg):
+        if raw.text is None:
+            dropped["empty"] += 1
+            continue
+        if not isinstance(raw.text, str):
+            raise UserError(f"{raw.where}: caption is {type(raw.text).__name__}, not text")
+        text = normalise_text(raw.text)
+        if not text:
+            dropped["empty"] += 1
+        elif len(text) > MAX_CAPTION_CHARS:
+            dropped["too_long"] += 1
+        elif raw.caption_id in seen:
+            dropped["duplicate_id"] += 1
+        else:
+            seen.add(raw.caption_id)
+            kept.append(Caption(raw.caption_id, text, source, raw.image_id, raw.split))
+            if cfg.limit is not None and len(kept) >= cfg.limit:
+                break
+    return kept, dropped, fmt
+
+
+def run(cfg: IngestConfig, run: RunDir) -> StageResult:
+    timer = Timer()
+    if not cfg.corpus:
+        raise UserError("no corpus given: icsd ingest CORPUS --run RUN")
+    path = Path(cfg.corpus).expanduser()
+    captions, dropped, fmt = read_corpus(path, cfg)
+    read = len(captions) + sum(dropped.values())
+    if not captions:
+        reasons = ", ".join(f"{n} {why}" for why, n in dropped.items()) or "no records"
+        raise UserError(f"{path}: zero captions kept ({reasons})")
+    write_parquet(to_table(captions, Caption), run.captions)
+    counts: dict[str, Any] = {"read": read, "kept": len(captions), "dropped": sum(dropped.values())}
+    counts.update({f"dropped_{why}": n for why, n in sorted(dropped.items())})
+    return finish_stage(
+        run,
+        "ingest",
+        cfg,
+        inputs=[path],
+        counts=counts,
+        seconds=timer.seconds,
+        output=run.captions,
+        extra={"format": fmt},
+    )
