@@ -116,6 +116,9 @@ class RenderConfig(StageConfig):
     safety_checker: bool = True
     devices: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    fuse_qkv: bool = False
     executor: Literal["inline", "process", "ray"] = "inline"
     address: str | None = None
     tiny_random: bool = False
