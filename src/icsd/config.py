@@ -145,12 +145,24 @@ class PairsConfig(StageConfig):
 
 class TrainConfig(StageConfig):
     preset: Literal["icsd", "prefix", "tiny"] = "icsd"
-    vision_model: str = "openai/clip-vit-base-patch32"
-    text_model: str = "bert-base-uncased"
-    image_size: int = Field(default=384, ge=8)
+    # None = the preset's default (icsd: CLIP ViT-B/32 at 384 + bert-base-uncased, lr 1e-5;
+    # prefix: CLIP ViT-B/32 at 224 + gpt2, lr 2e-5; tiny: random shapes at 64 px, lr 1e-3)
+    vision_model: str | None = None
+    text_model: str | None = None
+    image_size: int | None = Field(default=None, ge=8)
     prompt: str = "a picture of "
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
-    lr: float = Field(default=1e-5, gt=0)
+    lr: float | None = Field(default=None, gt=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    max_tokens: int = Field(default=40, ge=4)
+    augment: bool | None = None
+    crop_scale_min: float = Field(default=0.5, gt=0, le=1)
+    precompute_features: bool = True
+    shuffle_buffer: int = Field(default=1000, ge=1)
+    data_streams: int | None = Field(default=None, ge=1)
+    val_max_images: int = Field(default=500, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    restart: bool = False
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     batch_size: int = Field(default=64, ge=1)
