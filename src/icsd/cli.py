@@ -174,6 +174,127 @@ def group(
 
 @app.command(
     epilog="Examples:\n\n"
+    "  icsd render --run runs/coco\n\n"
+    "  icsd render --run runs/coco --model ./sd-folder --devices 0,1 --batch-size 32\n\n"
+    "  icsd render --run runs/coco --compile --channels-last\n\n"
+    "  icsd render --run runs/uni --prompts captions --sample 10000\n\n"
+    "  icsd render --run runs/demo --tiny-random --size 64 --steps 4\n\n"
+    "  icsd render --run runs/coco --no-safety-checker --format webp"
+)
+def render(
+    run: RunOpt,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="diffusers text-to-image pipeline: hub id or local folder (default CompVis/stable-diffusion-v1-4)."
+        ),
+    ] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(help="summaries (ok rows of selections.parquet) | captions (one image per caption)."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 20).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default 7.5).")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Image width and height in pixels, a multiple of 8 (default 512).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call (default 16).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Global seed; each image's seed derives from it and the item id.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items (sorted by id).")] = None,
+    sample: Annotated[int | None, typer.Option(help="A seeded random sample of N items.")] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option("--devices", "--device", help="auto | all | cpu | GPU ids 0,1,...: one worker per GPU."),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (fp16 on cuda, fp32 on cpu) | fp16 | bf16 | fp32.")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="dpm++ (default) | dpm++-karras | dpm | unipc | ddim | pndm | euler | euler-a | heun | lms | default."
+        ),
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt for every image.")] = None,
+    shard_size: Annotated[
+        int | None, typer.Option(help="Images per webdataset shard, the unit of resume (default 1000).")
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="Image format in the shards: jpg (default) | webp.")
+    ] = None,
+    quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1-100 (default 95).")] = None,
+    no_safety_checker: Annotated[
+        bool,
+        typer.Option(
+            "--no-safety-checker", help="Turn the pipeline's safety checker off (nsfw recorded as null)."
+        ),
+    ] = False,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the UNet and VAE decoder (GPU)."),
+    ] = None,
+    compile_mode: Annotated[
+        str | None, typer.Option(help="torch.compile mode: default | reduce-overhead | max-autotune | ...")
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (GPU)."),
+    ] = None,
+    fuse_qkv: Annotated[
+        bool | None, typer.Option("--fuse-qkv/--no-fuse-qkv", help="Fuse attention QKV projections.")
+    ] = None,
+    tiny_random: Annotated[
+        bool,
+        typer.Option(
+            "--tiny-random", help="Build and use a tiny untrained pipeline in RUN/cache (offline demo)."
+        ),
+    ] = False,
+    executor: Annotated[
+        str | None, typer.Option(help="inline|process|ray (process is implied by several devices).")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (auto or ray://host:port).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Render one image per ok summary (or per caption) into RUN/images/ webdataset shards."""
+    _done(
+        _stage(
+            "render",
+            run,
+            config,
+            {
+                "model": model,
+                "prompts": prompts,
+                "steps": steps,
+                "guidance": guidance,
+                "size": size,
+                "batch_size": batch_size,
+                "seed": seed,
+                "limit": limit,
+                "sample": sample,
+                "devices": devices,
+                "dtype": dtype,
+                "scheduler": scheduler,
+                "negative_prompt": negative_prompt,
+                "shard_size": shard_size,
+                "image_format": format,
+                "quality": quality,
+                "safety_checker": False if no_safety_checker else None,
+                "compile": compile,
+                "compile_mode": compile_mode,
+                "channels_last": channels_last,
+                "fuse_qkv": fuse_qkv,
+                "tiny_random": True if tiny_random else None,
+                "executor": executor,
+                "address": address,
+            },
+        )
+    )
+@app.command(
+    epilog="Examples:\n\n"
     "  icsd pairs --run runs/coco\n\n"
     "  icsd pairs --run runs/coco --kinds selected,summary\n\n"
     "  icsd pairs --run runs/uni --kinds uni\n\n"

@@ -129,11 +129,27 @@ def check_model_available(model: str) -> None:
 
         hf_hub_download(model, "model_index.json")
     except Exception as exc:  # any hub, network or validation failure means the same to the user
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"text-to-image model {model!r} is not a local folder and cannot be fetched from the "
-            f"Hugging Face Hub here ({reason}); pass a local pipeline folder or a cached hub id"
+            f"Hugging Face Hub: {_hub_reason(exc)}; pass a local pipeline folder or a cached hub id"
         ) from None
+
+
+def _hub_reason(exc: Exception) -> str:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return "gated repository (log in with `hf auth login` and accept its licence)"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such repository"
+    if isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        return "not in the local cache and the Hub cannot be reached (offline)"
+    if isinstance(exc, errors.EntryNotFoundError):
+        return "the repository has no model_index.json (not a diffusers pipeline)"
+    if isinstance(exc, errors.HFValidationError):
+        return "not a valid hub id"
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _model_index(model: str) -> dict[str, Any]:
