@@ -397,7 +397,11 @@ def input_hashes(*paths: Path) -> dict[str, str]:
     for p in paths:
         if p.is_dir():
             markers = sorted(p.glob("*.done.json"))
-            out[p.name] = hash_obj([(m.name, (read_json(m) or {}).get("sha256")) for m in markers])
+            if markers:
+                out[p.name] = hash_obj([(m.name, (read_json(m) or {}).get("sha256")) for m in markers])
+            else:
+                files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+                out[p.name] = hash_obj([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
         elif p.exists():
             out[p.name] = sha256_file(p)
     return out
