@@ -174,6 +174,102 @@ def group(
 
 @app.command(
     epilog="Examples:\n\n"
+    "  icsd summarize --run runs/coco --limit 20            (packaged SmolLM2, CPU: a quick look)\n\n"
+    "  vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000 &\n\n"
+    "  icsd summarize --run runs/coco --backend openai --base-url http://127.0.0.1:8000/v1 "
+    "--model Qwen/Qwen2.5-7B-Instruct --concurrency 256\n\n"
+    "  OPENAI_API_KEY=... icsd summarize --run runs/coco --backend openai --model gpt-3.5-turbo\n\n"
+    "  icsd summarize --run runs/coco --backend vllm --model Qwen/Qwen2.5-7B-Instruct\n\n"
+    "  icsd summarize --run runs/coco --sample 100 --seed 1 --prompt my_prompt.txt\n\n"
+    "  icsd summarize --run runs/coco --mode first-n --n 5      (no selection, only condense)\n\n"
+    "  icsd summarize --run runs/coco --retry                   (redo groups that are not ok)"
+)
+def summarize(
+    run: RunOpt,
+    backend: Annotated[str | None, typer.Option(help="openai | vllm | transformers (default).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model id, path or .gguf file; for openai the server's model name "
+                     "(default: SmolLM2-135M-Instruct, packaged GGUF for transformers)."),
+    ] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file name inside --model's folder or repo.")] = None,
+    base_url: Annotated[
+        list[str] | None,
+        typer.Option(help="OpenAI-compatible server URL; repeat or comma-separate for round-robin."),
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="select (choose 5-10 and summarise) | first-n (condense the first N).")
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Captions condensed in first-n mode.")] = None,
+    prompt: Annotated[Path | None, typer.Option(help="Jinja2 prompt template file (default: bundled).")] = None,
+    min_select: Annotated[int | None, typer.Option(help="Fewest captions a valid answer selects.")] = None,
+    max_select: Annotated[int | None, typer.Option(help="Most captions a valid answer selects.")] = None,
+    max_words: Annotated[int | None, typer.Option(help="Word limit of the summary.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (openai).")] = None,
+    client: Annotated[
+        str | None, typer.Option(help="HTTP client of the openai backend: openai (official SDK) | aiohttp (lean).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds per request before it is retried.")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries per request on 429/5xx/timeouts.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per generate() call (transformers).")] = None,
+    part_size: Annotated[int | None, typer.Option(help="Groups per output part (unit of resume).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N groups.")] = None,
+    sample: Annotated[int | None, typer.Option(help="A random sample of N groups (see --seed).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of --sample.")] = None,
+    retry: Annotated[
+        bool | None, typer.Option("--retry/--no-retry", help="Also redo groups whose record is not ok.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N (transformers, process workers).")] = None,
+    executor: Annotated[str | None, typer.Option(help="inline|process|ray (local backends).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (auto or ray://host:port).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Ask an LLM to select captions of one scene and summarise them into RUN/selections.parquet."""
+    urls = [u for item in base_url or [] for u in item.split(",") if u.strip()]
+    _done(
+        _stage(
+            "summarize",
+            run,
+            config,
+            {
+                "backend": backend,
+                "model": model,
+                "gguf_file": gguf_file,
+                "base_url": urls or None,
+                "api_key_env": api_key_env,
+                "mode": mode,
+                "n": n,
+                "prompt": str(prompt) if prompt else None,
+                "min_select": min_select,
+                "max_select": max_select,
+                "max_words": max_words,
+                "concurrency": concurrency,
+                "client": client,
+                "timeout": timeout,
+                "max_retries": max_retries,
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "batch_size": batch_size,
+                "part_size": part_size,
+                "limit": limit,
+                "sample": sample,
+                "seed": seed,
+                "retry": retry,
+                "device": device,
+                "executor": executor,
+                "address": address,
+            },
+        )
+    )
+
+
+@app.command(
+    epilog="Examples:\n\n"
     "  icsd render --run runs/coco\n\n"
     "  icsd render --run runs/coco --model ./sd-folder --devices 0,1 --batch-size 32\n\n"
     "  icsd render --run runs/coco --compile --channels-last\n\n"
@@ -323,6 +419,190 @@ def pairs(
             {"kinds": kinds, "include_nsfw": include_nsfw, "min_clip_score": min_clip_score},
         )
     )
+
+
+# ----------------------------------------------------------------------------- whole chain
+
+
+def parse_dotted_overrides(args: list[str]) -> dict[str, str]:
+    """``["--render.model", "x", "--train.max_steps=5"]`` -> ``{"render.model": "x", "train.max_steps": "5"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --stage.key VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise UserError(f"override {arg} needs a value")
+            value = args[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+@app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Examples:\n\n"
+    "  icsd run                                    # the offline quickstart (CPU, no downloads)\n\n"
+    "  icsd run configs/icsd_coco.yaml --run runs/coco\n\n"
+    "  icsd run configs/icsd_coco.yaml --from render --to train\n\n"
+    "  icsd run --render.model CompVis/stable-diffusion-v1-4 --render.size 512\n\n"
+    "  icsd run configs/icsd_coco.yaml --force summarize",
+)
+def run_chain(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None, typer.Argument(metavar="[CONFIG]", help="Pipeline YAML (default: the offline quickstart).")
+    ] = None,
+    run: Annotated[Path | None, typer.Option("--run", "-r", help="Run directory (default runs/<name>).")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
+    stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="Redo this stage from scratch (repeatable).")
+    ] = None,
+) -> None:
+    """Run the whole chain; unchanged stages are skipped, interrupted ones resume.
+
+    Any config key can be overridden as --stage.key VALUE (e.g. --render.model ID).
+    """
+    from . import pipeline
+
+    overrides = parse_dotted_overrides(list(ctx.args))
+    cfg = pipeline.load_config(config_file, overrides)
+    result = pipeline.run(cfg, run, start=start, stop=stop, force=force or [], echo=typer.echo)
+    root = result.run.root
+    typer.echo(
+        f"run: {len(result.ran)} stage(s) ran, {len(result.skipped)} skipped in {result.seconds:.1f}s -> {root}"
+    )
+    typer.echo(f"  report:  {root / 'report.html'}")
+    if (root / "train").exists():
+        typer.echo(f"  model:   {root / 'train'}")
+    evals = sorted((root / "eval").glob("*/scores.json")) if (root / "eval").exists() else []
+    for f in evals:
+        typer.echo(f"  scores:  {f}")
+    if config_file is None:
+        typer.echo(
+            "This was the offline quickstart with tiny models. For the paper's setting on a GPU machine:\n"
+            "  icsd run configs/icsd_coco.yaml   (see configs/README.md for the keys you must set)"
+        )
+
+
+@app.command(epilog="Example:\n\n  icsd report --run runs/quickstart && xdg-open runs/quickstart/report.html")
+def report(
+    run: RunOpt,
+    sample_groups: Annotated[int | None, typer.Option(help="Groups shown with their images.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write RUN/report.html: one self-contained page of the run (counts, groups, images, curves, scores)."""
+    _done(_stage("report", run, config, {"sample_groups": sample_groups}))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  icsd evaluate --predictions preds.json --references captions_val2017.json\n\n"
+    "  icsd evaluate --predictions preds.json --references dataset_coco.json --split test --out scores.json\n\n"
+    "  icsd evaluate --predictions preds.json --references nocaps_val_4500_captions.json --benchmark nocaps-val\n\n"
+    "  icsd evaluate --model runs/coco/train/best --benchmark coco-karpathy-test "
+    "--annotations dataset_coco.json --images data/coco --run runs/coco\n\n"
+    "  icsd evaluate --model runs/coco/train/best --benchmark flickr30k-karpathy-test "
+    "--annotations dataset_flickr30k.json --images data/flickr30k-images --run runs/coco\n\n"
+    "  ICSD_SPICE_JARS=~/stanford-corenlp-full-2015-12-09 icsd evaluate --predictions p.json --references r.json\n\n"
+    "Benchmarks: coco-karpathy-test, coco-karpathy-val, flickr30k-karpathy-test, flickr30k-karpathy-val, "
+    "nocaps-val (scored per domain), coco-captions. Scores are pycocoevalcap's (0-1 in JSON, x100 in the table)."
+)
+def evaluate(
+    predictions: Annotated[
+        Path | None, typer.Option(help="COCO results JSON: [{image_id, caption}, ...].")
+    ] = None,
+    references: Annotated[
+        Path | None,
+        typer.Option(
+            "--references",
+            "--annotations",
+            help="Reference captions: COCO captions JSON, Karpathy split JSON or NoCaps val JSON.",
+        ),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Karpathy split to score (default test).")] = None,
+    benchmark: Annotated[
+        str | None, typer.Option(help="Benchmark name (checks the file; names the output folder).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Captioner checkpoint folder: caption the images here.")] = None,
+    images: Annotated[Path | None, typer.Option(help="Folder of the benchmark's images (with --model).")] = None,
+    run: Annotated[
+        Path | None, typer.Option("--run", "-r", help="Run directory: write RUN/eval/<benchmark>/.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write scores.json here.")] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma-separated: BLEU,METEOR,ROUGE_L,CIDEr,SPICE (default all).")
+    ] = None,
+    spice_jars: Annotated[
+        str | None, typer.Option(help="Folder with the Stanford CoreNLP 3.6.0 jars (else $ICSD_SPICE_JARS).")
+    ] = None,
+    subset: Annotated[
+        bool | None, typer.Option("--subset/--no-subset", help="Score only the predicted images.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="With --model: caption only the first N images.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per captioning batch.")] = None,
+    beams: Annotated[int | None, typer.Option(help="Beam width (default 3).")] = None,
+    min_new_tokens: Annotated[int | None, typer.Option(help="Shortest caption in tokens (default 5).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default 30).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Score captions with BLEU, METEOR, ROUGE-L, CIDEr and SPICE exactly as pycocoevalcap does."""
+    from .config import stage_config
+    from .stages import evaluate as evaluate_stage
+
+    cfg = stage_config(
+        "evaluate",
+        config,
+        {
+            "predictions": str(predictions) if predictions else None,
+            "annotations": str(references) if references else None,
+            "split": split,
+            "benchmark": benchmark,
+            "model": model,
+            "images": str(images) if images else None,
+            "metrics": metrics,
+            "spice_jars": spice_jars,
+            "subset": subset,
+            "limit": limit,
+            "batch_size": batch_size,
+            "beams": beams,
+            "min_new_tokens": min_new_tokens,
+            "max_new_tokens": max_new_tokens,
+            "device": device,
+        },
+    )
+    result = evaluate_stage.main(cfg, run, out)
+    typer.echo(result.table)
+    _done(result)
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  icsd compare runs/icsd_coco runs/uni_coco\n\n"
+    "  icsd compare runs/* --metric CIDEr --csv > table.csv"
+)
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
+    metric: Annotated[str | None, typer.Option(help="Show only this metric (e.g. CIDEr) and sort by it.")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV instead of Markdown.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of Markdown.")] = False,
+) -> None:
+    """One table across runs: the settings that differ, synthetic-data counts and every score."""
+    from . import compare as cmp
+
+    columns, rows = cmp.compare_rows(runs, metric)
+    if as_json:
+        typer.echo(cmp.to_json(columns, rows))
+    elif as_csv:
+        typer.echo(cmp.to_csv(columns, rows), nl=False)
+    else:
+        typer.echo(cmp.to_markdown(columns, rows))
 
 
 def main() -> None:
