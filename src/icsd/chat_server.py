@@ -45,8 +45,11 @@ def user_text(request: dict[str, Any]) -> str:
 
 
 def numbered_lines(request: dict[str, Any]) -> int:
-    """How many numbered caption lines (``1. ...``) the user message holds."""
-    return len(_NUMBERED.findall(user_text(request)))
+    """How many items the last numbered list (``1. ...``, ``2. ...``) of the user message holds."""
+    count = 0
+    for number in (int(n) for n in _NUMBERED.findall(user_text(request))):
+        count = 1 if number == 1 else (count + 1 if number == count + 1 else count)
+    return count
 
 
 def echo_responder(delay: float = 0.0, pick: int = 5) -> Responder:
@@ -112,11 +115,20 @@ class ChatServer:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+        if self._loop is not None and self._loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> ChatServer:
         return self.start()
@@ -166,6 +178,8 @@ class ChatServer:
                 if headers.get("connection", "").lower() == "close":
                     break
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:  # server shutting down: end this connection quietly
             pass
         finally:
             with contextlib.suppress(Exception):

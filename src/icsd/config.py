@@ -79,6 +79,7 @@ class SummarizeConfig(StageConfig):
     timeout: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=6, ge=0)
     retry_backoff: float = Field(default=1.0, gt=0)
+    client: Literal["openai", "aiohttp"] = "openai"
     batch_size: int = Field(default=8, ge=1)
     part_size: int = Field(default=1000, ge=1)
     limit: int | None = Field(default=None, ge=1)

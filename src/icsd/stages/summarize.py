@@ -1,0 +1,532 @@
+"""Step 4 of the method: ask an LLM to select captions of one scene and summarise them.
+
+Reads ``RUN/candidates.parquet`` (and the texts from ``RUN/captions.parquet``), writes one
+:class:`~icsd.records.Selection` per candidate set into append-only parts with done-markers under
+``RUN/selections/`` and, at the end of every run, the consolidated ``RUN/selections.parquet``.
+
+Resume is per group: a rerun skips groups that already have a record made with the same model
+and prompt; ``--retry`` also redoes those whose record is not ``ok``. Identical requests are
+answered from ``RUN/cache/llm.sqlite`` without the model.
+
+How the work runs: the ``openai`` backend drives its async client in this process (one event
+loop holds thousands of requests in flight; more processes would add nothing but a shared cache
+to coordinate), streaming answers into parts as they arrive. Local models (``transformers``,
+``vllm``) stream the same way inline; with ``--executor process|ray`` each part becomes a
+:class:`~icsd.executor.ShardTask` and one worker per GPU loads the model once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from ..backends.llm import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, make_backend
+from ..config import SummarizeConfig
+from ..errors import UserError
+from ..executor import ShardTask, count_workers, device_for_worker, resolve_device, run_tasks
+from ..llm_answers import parse_answer
+from ..llm_cache import LLMCache, request_key
+from ..llm_prompts import (
+    PromptSettings,
+    PromptTemplate,
+    answer_schema,
+    compile_template,
+    load_template,
+    shown_candidates,
+)
+from ..records import SELECTION_STATUSES, Selection, from_table, to_table
+from ..store import RunDir, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
+from ._base import StageResult, Timer, finish_stage
+
+STAGE = "summarize"
+PART_PATTERN = "part-*.parquet"
+FLUSH_SECONDS = 120.0
+_PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The candidate sets in file order, and the caption texts they refer to."""
+
+    ids: list[str]
+    members: list[list[str]]
+    texts: dict[str, str]
+
+
+def read_groups(run: RunDir) -> Groups:
+    if not run.candidates.exists():
+        raise UserError(f"candidates not found: {run.candidates} (run `icsd group --run {run.root}` first)")
+    cand = read_parquet(run.candidates, "candidates")
+    caps = read_parquet(run.captions, "captions")
+    for table, cols, name in ((cand, ("group_id", "member_ids"), "candidates"), (caps, ("caption_id", "text"), "captions")):
+        missing = [c for c in cols if c not in table.column_names]
+        if missing:
+            raise UserError(f"{name}.parquet lacks columns {missing}")
+    flat = pc.list_flatten(cand.column("member_ids"))
+    unknown = pc.filter(flat, pc.invert(pc.is_in(flat, value_set=caps.column("caption_id"))))
+    if len(unknown):
+        raise UserError(
+            f"candidates.parquet names {len(unknown)} caption ids missing from captions.parquet, "
+            f"e.g. {unknown[0].as_py()!r}: rerun `icsd group`"
+        )
+    ids = [str(g) for g in cand.column("group_id").to_pylist()]
+    members = cand.column("member_ids").to_pylist()
+    texts = dict(zip(caps.column("caption_id").to_pylist(), caps.column("text").to_pylist(), strict=True))
+    return Groups(ids=ids, members=members, texts=texts)
+
+
+def choose_groups(count: int, *, limit: int | None, sample: int | None, seed: int) -> list[int]:
+    """Indices of the groups to work on: a seeded random sample (in file order), then the first ``limit``."""
+    chosen: list[int] = list(range(count))
+    if sample is not None and sample < count:
+        rng = np.random.default_rng(seed)
+        chosen = sorted(int(i) for i in rng.choice(count, size=sample, replace=False))
+    return chosen[:limit] if limit is not None else chosen
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def part_index(path: Path) -> int:
+    m = _PART_NAME.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def done_parts(folder: Path) -> list[Path]:
+    parts = [p for p in folder.glob(PART_PATTERN) if part_index(p) >= 0 and is_done(p)]
+    return sorted(parts, key=part_index)
+
+
+def next_part_index(folder: Path) -> int:
+    indices = [part_index(p) for p in folder.glob(PART_PATTERN)]
+    return max(indices, default=-1) + 1
+
+
+def read_records(folder: Path) -> dict[str, Selection]:
+    """The latest record of every group found in the done parts (later parts win)."""
+    latest: dict[str, Selection] = {}
+    for part in done_parts(folder):
+        for rec in from_table(read_parquet(part, "selections part"), Selection):
+            latest[rec.group_id] = rec
+    return latest
+
+
+def part_path(folder: Path, index: int) -> Path:
+    return folder / f"part-{index:05d}.parquet"
+
+
+def write_part(path: Path, records: Sequence[Selection], info: dict[str, Any]) -> dict[str, Any]:
+    """Write one part, then its done-marker (last, so a crash never leaves a false 'done')."""
+    write_parquet(to_table(list(records), Selection), path)
+    statuses = Counter(r.status for r in records)
+    return mark_done(path, {**info, "records": len(records), "statuses": dict(statuses)})
+
+
+class PartWriter:
+    """Collects records and writes a part every ``part_size`` records or ``FLUSH_SECONDS``."""
+
+    def __init__(
+        self, folder: Path, start: int, part_size: int, info: dict[str, Any], on_flush: Callable[[], None]
+    ) -> None:
+        self.folder = folder
+        self.index = start
+        self.part_size = part_size
+        self.info = info
+        self.on_flush = on_flush
+        self.buffer: list[Selection] = []
+        self.last_flush = time.monotonic()
+        self.parts = 0
+
+    def add(self, record: Selection) -> None:
+        self.buffer.append(record)
+        if len(self.buffer) >= self.part_size or time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer:
+            return
+        self.on_flush()
+        write_part(part_path(self.folder, self.index), self.buffer, self.info)
+        self.index += 1
+        self.parts += 1
+        self.buffer = []
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """One summarize run per run directory at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `icsd summarize` is writing {folder}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- requests and records
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    group_id: str
+    shown_ids: list[str]
+    texts: list[str]
+    use_cache: bool
+
+
+@dataclass
+class Job:
+    """What turns a work item into a request, and an answer into a record."""
+
+    template: PromptTemplate
+    model: str
+    params: dict[str, Any]
+
+    @property
+    def settings(self) -> PromptSettings:
+        return self.template.settings
+
+    def request(self, item: WorkItem) -> ChatRequest:
+        content = self.template.render(item.texts)
+        return ChatRequest(messages=({"role": "user", "content": content},), schema=answer_schema(self.settings, len(item.texts)))
+
+    def key(self, request: ChatRequest) -> str:
+        return request_key(self.model, self.params, request)
+
+    def record(self, item: WorkItem, answer: ChatAnswer) -> Selection:
+        gid, model, phash = item.group_id, self.model, self.template.hash
+        if answer.text is None:
+            error = answer.error or "no answer"
+            return Selection(gid, "failed", error=error, model=model, prompt_hash=phash, raw="")
+        parsed = parse_answer(answer.text, self.settings, len(item.shown_ids))
+        selected = [item.shown_ids[i - 1] for i in parsed.indices] if parsed.status == "ok" else []
+        return Selection(
+            gid, parsed.status, selected, parsed.summary, parsed.error, model=model, prompt_hash=phash, raw=answer.text
+        )
+
+
+@dataclass
+class Tally:
+    statuses: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    cached: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: dict[str, Any]) -> None:
+        self.statuses.update(other.get("statuses", {}))
+        self.requests += int(other.get("requests", 0))
+        self.cached += int(other.get("cached", 0))
+        self.completion_tokens += int(other.get("completion_tokens", 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "statuses": dict(self.statuses),
+            "requests": self.requests,
+            "cached": self.cached,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+OnRecord = Callable[[Selection, ChatAnswer, bool], None]
+
+
+def answer_groups(
+    keys: Sequence[int],
+    make_item: Callable[[int], WorkItem],
+    backend: ChatBackend,
+    cache: LLMCache,
+    job: Job,
+    on_record: OnRecord,
+) -> None:
+    """Answer every item: from the cache where allowed and present, else from the backend.
+
+    ``on_record(record, answer, cached)`` is called once per item, in this thread.
+    """
+    misses: list[int] = []
+    check_cache = len(cache) > 0
+    for k in keys:
+        item = make_item(k)
+        if check_cache and item.use_cache:
+            text = cache.get(job.key(job.request(item)))
+            if text is not None:
+                answer = ChatAnswer(text=text, attempts=0)
+                on_record(job.record(item, answer), answer, True)
+                continue
+        misses.append(k)
+
+    # Built lazily (the openai backend pulls them from its own thread): pure, no shared state.
+    def requests() -> Iterator[tuple[tuple[int, str], ChatRequest]]:
+        for k in misses:
+            request = job.request(make_item(k))
+            yield (k, job.key(request)), request
+
+    for (k, cache_key), answer in backend.stream(requests()):
+        if answer.text is not None:
+            cache.put(cache_key, answer.text, job.model)
+        on_record(job.record(make_item(k), answer), answer, False)
+
+
+class Progress:
+    """The progress bar: groups/s and ETA from tqdm, plus requests/s, tokens/s and failures."""
+
+    def __init__(self, total: int, tally: Tally, quiet: bool = False) -> None:
+        self.bar = tqdm(total=total, desc=STAGE, unit="group", dynamic_ncols=True, disable=quiet or None)
+        self.tally = tally
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, record: Selection, answer: ChatAnswer, cached: bool) -> None:
+        t = self.tally
+        t.statuses[record.status] += 1
+        t.cached += int(cached)
+        t.requests += int(not cached)
+        t.completion_tokens += answer.completion_tokens
+        self.bar.update(1)
+        now = time.monotonic()
+        if now - self.last >= 0.5:
+            self.last = now
+            elapsed = max(now - self.start, 1e-9)
+            bad = t.statuses["parse_error"] + t.statuses["invalid"]
+            self.bar.set_postfix_str(
+                f"req/s {t.requests / elapsed:.1f}, tok/s {t.completion_tokens / elapsed:.0f}, "
+                f"failed {t.statuses['failed']}, unparsed {bad}, cached {t.cached}",
+                refresh=False,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- process/ray workers
+
+
+@dataclass
+class SummarizeWorkerFactory:
+    """Builds, once per worker process, the backend and the job; picklable for spawn and Ray."""
+
+    spec: BackendSpec
+    device: str
+    template_text: str
+    template_source: str
+    settings: PromptSettings
+    cache_path: str
+    info: dict[str, Any]
+
+    def __call__(self, index: int) -> Callable[[ShardTask, Callable[[int], None]], dict[str, Any]]:
+        spec = BackendSpec(**{**self.spec.__dict__, "device": device_for_worker(self.device, index)})
+        backend = make_backend(spec)
+        template = compile_template(self.template_text, self.template_source, self.settings)
+        job = Job(template=template, model=backend.model_id, params=backend.params.as_dict())
+        cache = LLMCache(self.cache_path)
+        info = self.info
+
+        def work(task: ShardTask, progress: Callable[[int], None]) -> dict[str, Any]:
+            items: list[WorkItem] = task.payload
+            records: list[Selection] = []
+            tally = Tally()
+
+            def on_record(rec: Selection, answer: ChatAnswer, cached: bool) -> None:
+                records.append(rec)
+                tally.statuses[rec.status] += 1
+                tally.cached += int(cached)
+                tally.requests += int(not cached)
+                tally.completion_tokens += answer.completion_tokens
+                progress(1)
+
+            answer_groups(range(len(items)), items.__getitem__, backend, cache, job, on_record)
+            cache.commit()
+            write_part(task.output, records, info)
+            return tally.as_dict()
+
+        return work
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def backend_spec(cfg: SummarizeConfig, device: str) -> BackendSpec:
+    return BackendSpec(
+        backend=cfg.backend,
+        model=cfg.model,
+        gguf_file=cfg.gguf_file,
+        base_urls=list(cfg.base_url),
+        api_key_env=cfg.api_key_env,
+        params=GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+        concurrency=cfg.concurrency,
+        timeout=cfg.timeout,
+        max_retries=cfg.max_retries,
+        backoff=cfg.retry_backoff,
+        client=cfg.client,
+        device=device,
+        batch_size=cfg.batch_size,
+        chunk_size=cfg.part_size,
+        seed=cfg.seed,
+    )
+
+
+def prompt_settings(cfg: SummarizeConfig) -> PromptSettings:
+    if cfg.min_select > cfg.max_select:
+        raise UserError(f"min_select ({cfg.min_select}) is larger than max_select ({cfg.max_select})")
+    return PromptSettings(
+        mode=cfg.mode, n=cfg.n, min_select=cfg.min_select, max_select=cfg.max_select, max_words=cfg.max_words
+    )
+
+
+def needs_answer(record: Selection | None, model: str, phash: str, retry: bool) -> bool:
+    if record is None or record.model != model or record.prompt_hash != phash:
+        return True
+    return retry and record.status != "ok"
+
+
+def consolidate(folder: Path, order: Sequence[str], out: Path) -> Counter[str]:
+    """(Re)write the one-row-per-group file from the parts, in candidates order."""
+    latest = read_records(folder)
+    rows = [latest[g] for g in order if g in latest]
+    write_parquet(to_table(rows, Selection), out)
+    return Counter(r.status for r in rows)
+
+
+def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
+    timer = Timer()
+    settings = prompt_settings(cfg)
+    template = load_template(settings, cfg.prompt)
+    phash = template.hash
+    groups = read_groups(run)
+    chosen = choose_groups(len(groups.ids), limit=cfg.limit, sample=cfg.sample, seed=cfg.seed)
+    device = resolve_device(cfg.device) if cfg.backend == "transformers" else cfg.device
+    spec = backend_spec(cfg, device)
+    model = spec.model_label()
+    folder = run.selection_parts
+    notes: list[str] = []
+    tally = Tally()
+    with exclusive(folder):
+        keep = {p.name for p in done_parts(folder)}
+        remove_stale_parts(folder, keep, PART_PATTERN)
+        existing = read_records(folder)
+        todo = [i for i in chosen if needs_answer(existing.get(groups.ids[i]), model, phash, cfg.retry)]
+        kept = len(chosen) - len(todo)
+
+        def make_item(i: int) -> WorkItem:
+            gid = groups.ids[i]
+            shown = shown_candidates(settings, groups.members[i])
+            prior = existing.get(gid)
+            use_cache = prior is None or prior.model != model or prior.prompt_hash != phash
+            return WorkItem(gid, shown, [groups.texts[c] for c in shown], use_cache)
+
+        info = {"model": model, "prompt_hash": phash, "backend": cfg.backend}
+        described: dict[str, Any] = {"backend": cfg.backend, "model": model}
+        if todo:
+            cache = LLMCache(run.cache / "llm.sqlite")
+            try:
+                if cfg.executor != "inline" and cfg.backend != "openai":
+                    _run_as_tasks(cfg, spec, template, todo, make_item, folder, run.cache, info, tally)
+                else:
+                    if cfg.executor != "inline":
+                        notes.append("note: the openai backend runs its async client in this process; --executor ignored")
+                    described = _run_streaming(cfg, spec, template, todo, make_item, folder, info, cache, tally)
+            finally:
+                cache.close()
+        counts = consolidate(folder, groups.ids, run.selections)
+    result_counts: dict[str, Any] = {"groups": sum(counts.values())}
+    result_counts.update({s: counts.get(s, 0) for s in SELECTION_STATUSES})
+    result_counts.update({"answered": sum(tally.statuses.values()), "requests": tally.requests, "cached": tally.cached, "kept": kept})
+    return finish_stage(
+        run,
+        STAGE,
+        cfg,
+        inputs=[run.candidates, run.captions],
+        counts=result_counts,
+        seconds=timer.seconds,
+        output=run.selections,
+        models={"llm": described},
+        extra={"prompt_hash": phash, "prompt_source": template.source, "this_run": tally.as_dict()},
+        notes=notes,
+    )
+
+
+def _run_streaming(
+    cfg: SummarizeConfig,
+    spec: BackendSpec,
+    template: PromptTemplate,
+    todo: list[int],
+    make_item: Callable[[int], WorkItem],
+    folder: Path,
+    info: dict[str, Any],
+    cache: LLMCache,
+    tally: Tally,
+) -> dict[str, Any]:
+    backend = make_backend(spec)
+    job = Job(template=template, model=backend.model_id, params=backend.params.as_dict())
+    writer = PartWriter(folder, next_part_index(folder), cfg.part_size, info, on_flush=cache.commit)
+    progress = Progress(len(todo), tally)
+
+    def on_record(rec: Selection, answer: ChatAnswer, cached: bool) -> None:
+        progress(rec, answer, cached)
+        writer.add(rec)
+
+    try:
+        answer_groups(todo, make_item, backend, cache, job, on_record)
+    finally:
+        # Records in the buffer are complete answers: keep them even when interrupted.
+        writer.flush()
+        progress.close()
+        backend.close()
+    return backend.describe()
+
+
+def _run_as_tasks(
+    cfg: SummarizeConfig,
+    spec: BackendSpec,
+    template: PromptTemplate,
+    todo: list[int],
+    make_item: Callable[[int], WorkItem],
+    folder: Path,
+    cache_dir: Path,
+    info: dict[str, Any],
+    tally: Tally,
+) -> None:
+    start = next_part_index(folder)
+    tasks = []
+    for n, lo in enumerate(range(0, len(todo), cfg.part_size)):
+        chunk = [make_item(i) for i in todo[lo : lo + cfg.part_size]]
+        out = part_path(folder, start + n)
+        tasks.append(ShardTask(key=out.stem, output=out, size=len(chunk), payload=chunk))
+    factory = SummarizeWorkerFactory(
+        spec=spec,
+        device=cfg.device,
+        template_text=template.text,
+        template_source=template.source,
+        settings=template.settings,
+        cache_path=str(cache_dir / "llm.sqlite"),
+        info=info,
+    )
+    result = run_tasks(
+        tasks,
+        factory,
+        executor=cfg.executor,
+        workers=count_workers(cfg.device),
+        desc=STAGE,
+        unit="group",
+        address=cfg.address,
+    )
+    for r in result.results:
+        tally.add(r)
