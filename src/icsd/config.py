@@ -203,6 +203,15 @@ class EvaluateConfig(StageConfig):
     min_new_tokens: int = Field(default=5, ge=0)
     max_new_tokens: int = Field(default=30, ge=1)
     device: str = "auto"
+    subset: bool = False
+    limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_metrics(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
 
 
 class ReportConfig(StageConfig):

@@ -1,0 +1,323 @@
+"""Stage 8, evaluate: score captions of a benchmark's images as the captioning papers do.
+
+Predictions come from a COCO results file (``--predictions``) or from a checkpoint that captions the
+benchmark's images here (``--model`` + ``--images``). Scores are pycocoevalcap's (see
+:mod:`icsd.metrics`); NoCaps is scored per domain and overall. With a run directory the outputs go to
+``RUN/eval/<benchmark>/`` (predictions.json, scores.json, per_image.json); without one,
+:func:`evaluate_to` writes the scores where the user asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..benchmarks import References, count_note, load_predictions, load_references, predictions_json
+from ..config import EvaluateConfig
+from ..errors import UserError
+from ..metrics import SCORE_KEYS, CaptionScores, Evaluation, score_captions
+from ..store import RunDir, atomic_write_json, package_versions, sha256_file
+from ._base import StageResult, Timer, finish_stage
+
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("Bleu_1", "BLEU-1"),
+    ("Bleu_2", "BLEU-2"),
+    ("Bleu_3", "BLEU-3"),
+    ("Bleu_4", "BLEU-4"),
+    ("METEOR", "METEOR"),
+    ("ROUGE_L", "ROUGE-L"),
+    ("CIDEr", "CIDEr"),
+    ("SPICE", "SPICE"),
+)
+
+
+@dataclass
+class EvalOutcome:
+    """Everything one evaluation produced, before it is written anywhere."""
+
+    refs: References
+    captions: dict[str, str]
+    evaluation: Evaluation
+    scores: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def table(self) -> str:
+        return markdown_table(self.refs.name, self.evaluation)
+
+
+@dataclass
+class EvalResult(StageResult):
+    table: str = ""
+    scores: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_config(cfg: EvaluateConfig) -> None:
+    if cfg.annotations is None:
+        raise UserError(
+            "evaluate needs the references: pass --references FILE (captions, Karpathy or NoCaps JSON)"
+        )
+    if cfg.predictions is not None and cfg.model is not None:
+        raise UserError("pass either --predictions FILE or --model CKPT, not both")
+    if cfg.predictions is None and cfg.model is None:
+        raise UserError(
+            "evaluate needs --predictions FILE (COCO results JSON) or --model CKPT with --images DIR"
+        )
+    if cfg.model is not None and cfg.images is None:
+        raise UserError("--model needs --images DIR: the folder holding the benchmark's images")
+    if cfg.predictions is not None and cfg.limit is not None:
+        raise UserError(
+            "--limit applies to --model (caption only the first N images); use --subset with --predictions"
+        )
+
+
+def image_path(images: Path, file: str | None, key: str) -> Path:
+    """Where an image lies under ``images``: the file's relative path (``val2014/COCO_...jpg``) or
+    its bare name."""
+    if not file:
+        raise UserError(f"the references give no file name for image {key}: cannot caption it")
+    rel = Path(file)
+    for candidate in (images / rel, images / rel.name):
+        if candidate.is_file():
+            return candidate
+    return images / rel
+
+
+def resolve_images(refs: References, images: Path, limit: int | None) -> list[tuple[str, Path]]:
+    """``[(key, path)]`` for every image with references (the first ``limit``); all must exist."""
+    if not images.is_dir():
+        raise UserError(f"images folder not found: {images}")
+    todo = [im for im in refs.images if im.captions][:limit]
+    paths = [(im.key, image_path(images, im.file, im.key)) for im in todo]
+    missing = [p for _, p in paths if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(paths)} images of {refs.name} are not under {images} (e.g. {missing[0]})"
+        )
+    return paths
+
+
+def _batches(items: list[tuple[str, Path]], size: int) -> Iterator[list[tuple[str, Path]]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def caption_images(cfg: EvaluateConfig, refs: References) -> dict[str, str]:
+    """Caption the benchmark's images with the checkpoint, in batches, with a progress bar."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    assert cfg.model is not None and cfg.images is not None
+    todo = resolve_images(refs, Path(cfg.images).expanduser(), cfg.limit)
+    try:
+        from ..backends.captioners import load_captioner
+    except ImportError as exc:
+        raise UserError(f"--model needs the captioner backend (icsd.backends.captioners): {exc}") from None
+    captioner = load_captioner(cfg.model, device=cfg.device)
+    out: dict[str, str] = {}
+    with tqdm(total=len(todo), desc=f"caption {refs.name}", unit="img") as bar:
+        for batch in _batches(todo, cfg.batch_size):
+            pics = []
+            for _, path in batch:
+                try:
+                    with Image.open(path) as im:
+                        pics.append(im.convert("RGB"))
+                except (OSError, UnidentifiedImageError) as exc:
+                    raise UserError(f"cannot read image {path}: {exc}") from None
+            texts = captioner.caption(
+                pics,
+                beams=cfg.beams,
+                min_new_tokens=cfg.min_new_tokens,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+            )
+            for (key, _), text in zip(batch, texts, strict=True):
+                out[key] = text
+            bar.update(len(batch))
+    return out
+
+
+def read_predictions(path: str) -> dict[str, str]:
+    return {key: caption for key, (_, caption) in load_predictions(path).items()}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def scores_block(scores: CaptionScores) -> dict[str, Any]:
+    return {**scores.scores, "n_images": scores.n_images}
+
+
+def scores_document(
+    cfg: EvaluateConfig, refs: References, ev: Evaluation, captions: dict[str, str]
+) -> dict[str, Any]:
+    """scores.json: every metric at the top level (0-1 scale), NoCaps domains, and how they were made."""
+    doc: dict[str, Any] = {"benchmark": refs.name, **scores_block(ev.overall)}
+    if ev.subsets:
+        doc["domains"] = {
+            **{name: scores_block(s) for name, s in ev.subsets.items()},
+            "overall": scores_block(ev.overall),
+        }
+    skipped = {n.split(" ", 1)[0]: n for n in ev.notes if " skipped: " in n}
+    doc.update(
+        {
+            "metrics": list(ev.metrics),
+            "skipped": skipped,
+            "format": refs.format,
+            "split": refs.split,
+            "annotations": str(refs.path),
+            "annotations_sha256": sha256_file(refs.path),
+            "predictions": cfg.predictions,
+            "predictions_sha256": sha256_file(cfg.predictions) if cfg.predictions else None,
+            "checkpoint": cfg.model,
+            "decoding": (
+                {
+                    "beams": cfg.beams,
+                    "min_new_tokens": cfg.min_new_tokens,
+                    "max_new_tokens": cfg.max_new_tokens,
+                    "batch_size": cfg.batch_size,
+                }
+                if cfg.model
+                else None
+            ),
+            "n_predictions": len(captions),
+            "subset": cfg.subset or cfg.limit is not None,
+            "seconds": {k: round(v, 3) for k, v in ev.seconds.items()},
+            "java": ev.java,
+            "versions": {
+                k: v for k, v in package_versions().items() if k in ("python", "icsd", "pycocoevalcap")
+            },
+        }
+    )
+    return doc
+
+
+def evaluate(cfg: EvaluateConfig) -> EvalOutcome:
+    """Load references, get predictions (file or checkpoint), score them; nothing is written."""
+    check_config(cfg)
+    assert cfg.annotations is not None
+    refs = load_references(cfg.annotations, benchmark=cfg.benchmark, split=cfg.split)
+    notes = [n for n in (count_note(refs),) if n]
+    if cfg.predictions is not None:
+        captions = read_predictions(cfg.predictions)
+    else:
+        captions = caption_images(cfg, refs)
+    ev = score_captions(
+        refs.captions(),
+        captions,
+        metrics=cfg.metrics,
+        subsets=refs.domains() or None,
+        subset=cfg.subset or cfg.limit is not None,
+        spice_jars=cfg.spice_jars,
+    )
+    doc = scores_document(cfg, refs, ev, captions)
+    return EvalOutcome(refs=refs, captions=captions, evaluation=ev, scores=doc, notes=notes + ev.notes)
+
+
+def per_image_document(outcome: EvalOutcome) -> list[dict[str, Any]]:
+    ids = {im.key: im for im in outcome.refs.images}
+    domains = {k: name for name, s in outcome.evaluation.subsets.items() for k in s.per_image}
+    rows = []
+    for key, scores in outcome.evaluation.overall.per_image.items():
+        row: dict[str, Any] = {"image_id": ids[key].image_id, "caption": outcome.captions[key]}
+        if key in domains:
+            row["domain"] = domains[key]
+        rows.append({**row, **scores})
+    return rows
+
+
+def markdown_table(name: str, ev: Evaluation) -> str:
+    """Scores x 100 (as papers print them), one row per domain for NoCaps."""
+    cols = [(k, label) for k, label in TABLE_COLUMNS if k in ev.overall.scores]
+    rows = [(f"{name} {d}", s) for d, s in ev.subsets.items()]
+    rows.append((f"{name} overall" if ev.subsets else name, ev.overall))
+    head = "| benchmark | images | " + " | ".join(label for _, label in cols) + " |"
+    rule = "|---|---:|" + "---:|" * len(cols)
+    lines = [head, rule]
+    for label, s in rows:
+        cells = " | ".join(f"{100 * s.scores[k]:.2f}" for k, _ in cols)
+        lines.append(f"| {label} | {s.n_images} | {cells} |")
+    return "\n".join(lines)
+
+
+def _counts(outcome: EvalOutcome) -> dict[str, Any]:
+    s = outcome.evaluation.overall.scores
+    counts: dict[str, Any] = {"images": outcome.evaluation.overall.n_images}
+    for key in ("Bleu_4", "CIDEr", "SPICE"):
+        if key in s:
+            counts[key] = round(100 * s[key], 2)
+    return counts
+
+
+def write_outputs(outcome: EvalOutcome, folder: Path) -> Path:
+    """predictions.json, per_image.json and scores.json (last) under ``folder``; returns scores.json."""
+    atomic_write_json(folder / "predictions.json", predictions_json(outcome.refs, outcome.captions))
+    atomic_write_json(folder / "per_image.json", per_image_document(outcome))
+    scores = folder / "scores.json"
+    atomic_write_json(scores, outcome.scores)
+    return scores
+
+
+def run(cfg: EvaluateConfig, run: RunDir) -> EvalResult:
+    """Evaluate into ``RUN/eval/<benchmark>/`` and record the stage in the manifest."""
+    timer = Timer()
+    outcome = evaluate(cfg)
+    scores_path = write_outputs(outcome, run.eval_dir(outcome.refs.name))
+    inputs = [outcome.refs.path] + ([Path(cfg.predictions)] if cfg.predictions else [])
+    result = finish_stage(
+        run,
+        "evaluate",
+        cfg,
+        inputs=inputs,
+        counts=_counts(outcome),
+        seconds=timer.seconds,
+        output=scores_path,
+        models={"captioner": cfg.model} if cfg.model else None,
+        extra={
+            "benchmark": outcome.refs.name,
+            "scores": {k: outcome.scores[k] for k in SCORE_KEYS if k in outcome.scores},
+        },
+        notes=outcome.notes,
+    )
+    return EvalResult(**vars(result), table=outcome.table, scores=outcome.scores)
+
+
+def main(cfg: EvaluateConfig, run_dir: Path | None = None, out: Path | None = None) -> EvalResult:
+    """What ``icsd evaluate`` does: into the run directory when given (and a copy of scores.json
+    to ``out``), else to ``out`` alone (or only the printed table)."""
+    if run_dir is None:
+        return evaluate_to(cfg, out)
+    result = run(cfg, RunDir.at(run_dir))
+    if out is not None:
+        atomic_write_json(out, result.scores)
+    return result
+
+
+def evaluate_to(cfg: EvaluateConfig, out: Path | None = None) -> EvalResult:
+    """Evaluate without a run directory: scores.json to ``out`` (when given), with the predictions
+    beside it (``<out stem>.predictions.json``) when they were made here by ``--model``."""
+    timer = Timer()
+    outcome = evaluate(cfg)
+    if out is not None:
+        if out.is_dir():
+            raise UserError(f"--out must be a file path, not a folder: {out}")
+        if cfg.model is not None:
+            atomic_write_json(
+                out.with_name(f"{out.stem}.predictions.json"),
+                predictions_json(outcome.refs, outcome.captions),
+            )
+        atomic_write_json(out, outcome.scores)
+    return EvalResult(
+        stage="evaluate",
+        counts=_counts(outcome),
+        seconds=timer.seconds,
+        output=out,
+        notes=outcome.notes,
+        table=outcome.table,
+        scores=outcome.scores,
+    )
