@@ -72,3 +72,36 @@ def coco_slice(tmp_path: Path, coco_captions: Path) -> Path:
     out = tmp_path / "coco_slice.json"
     out.write_text(json.dumps(small))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer CLIP (text + vision) with the real CLIP BPE vocabulary, saved to disk."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from icsd.backends.t2i import write_clip_tokenizer_files
+
+    root = tmp_path_factory.mktemp("tiny_clip")
+    write_clip_tokenizer_files(root)
+    tok = CLIPTokenizer.from_pretrained(str(root), model_max_length=77)
+    proc = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    )
+    small = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": 16,
+    }
+    cfg = CLIPConfig(
+        text_config={**small, "vocab_size": tok.vocab_size, "max_position_embeddings": 77},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(root)
+    proc.save_pretrained(root)
+    return root

@@ -62,6 +62,25 @@ class Pair:
     kind: str
 
 
+@dataclass(frozen=True)
+class ImageSample:
+    """One rendered sample of an ``images/shard-*.tar`` webdataset shard.
+
+    ``meta`` is the sample's JSON: id, prompt_source (summary | caption), summary (the prompt),
+    seed, model, scheduler, steps, guidance, width, height, nsfw, safety_checker.
+    """
+
+    key: str
+    shard: str
+    meta: dict[str, Any]
+    image: bytes | None = None
+    image_ext: str | None = None
+
+    @property
+    def item_id(self) -> str:
+        return str(self.meta.get("id", self.key))
+
+
 CAPTIONS_SCHEMA = pa.schema(
     [
         ("caption_id", pa.string()),

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .errors import UserError
+from .records import ImageSample
 
 STAGES: tuple[str, ...] = (
     "ingest",
@@ -259,6 +260,41 @@ def read_embeddings(folder: Path) -> tuple[list[str], Any]:
         ids.extend(pid)
         mats.append(mat)
     return ids, np.concatenate(mats)
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def done_shards(images_dir: Path) -> tuple[list[Path], int]:
+    """Finished image shards (sorted) and how many shard files are not finished."""
+    shards = sorted(images_dir.glob("shard-*.tar")) if images_dir.exists() else []
+    done = [s for s in shards if is_done(s)]
+    return done, len(shards) - len(done)
+
+
+def iter_shard_samples(shard: Path, with_images: bool = True) -> Iterator[ImageSample]:
+    """Every sample of a webdataset shard, read with ``tarfile`` (members are never extracted to
+    disk, so no member name can escape). A damaged shard is a one-line :class:`UserError`."""
+    import tarfile
+
+    try:
+        with tarfile.open(shard, "r") as tar:
+            grouped: dict[str, dict[str, bytes]] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if ext != "json" and not (with_images and ext in IMAGE_EXTS):
+                    continue
+                fh = tar.extractfile(member)
+                if fh is not None:
+                    grouped.setdefault(key, {})[ext] = fh.read()
+        for key, parts in grouped.items():
+            meta = json.loads(parts.get("json", b"{}").decode("utf-8"))
+            img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
+            yield ImageSample(key, shard.name, meta, parts.get(img_ext) if img_ext else None, img_ext)
+    except (tarfile.TarError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"image shard is unreadable ({shard}): {exc}") from None
 
 
 # ----------------------------------------------------------------------------- run directory

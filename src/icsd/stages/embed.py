@@ -117,6 +117,6 @@ def run(cfg: EmbedConfig, run: RunDir) -> StageResult:
         counts=counts,
         seconds=timer.seconds,
         output=folder,
-        models={"embedder": {k: v for k, v in model_info.items() if k not in ("part", "rows")}},
+        models={"embedder": {k: v for k, v in model_info.items() if k not in ("part", "rows") and k[0] != "_"}},
     )
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import tarfile
 from collections import Counter
 from html import escape
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ..config import ReportConfig
-from ..store import RunDir, atomic_write_text, is_done
+from ..records import ImageSample
+from ..store import RunDir, atomic_write_text, done_shards, iter_shard_samples
 from ._base import StageResult, Timer, finish_stage
 
 UNTRAINED_NOTE = (
@@ -76,29 +76,13 @@ def overview(manifest: dict[str, Any]) -> str:
     return "<h2>Pipeline at a glance</h2>" + _table(["stage", "counts", "seconds", "models"], rows) + settings
 
 
-def read_samples(images_dir: Path, wanted: set[str], limit: int) -> dict[str, dict[str, Any]]:
-    """Sample JSON + image bytes of up to ``limit`` items (ids in ``wanted`` first) from done shards."""
-    found: dict[str, dict[str, Any]] = {}
-    shards = sorted(images_dir.glob("shard-*.tar")) if images_dir.exists() else []
-    for shard in shards:
-        if not is_done(shard):
-            continue
-        members: dict[str, dict[str, Any]] = {}
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.rpartition("/")[2].partition(".")
-                fh = tar.extractfile(m)
-                if fh is None:
-                    continue
-                members.setdefault(key, {})[ext] = fh.read()
-        for key, parts in members.items():
-            meta = json.loads(parts.get("json", b"{}"))
-            item = meta.get("id", key)
-            if item in wanted or len(found) < limit:
-                img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-                found[item] = {"meta": meta, "image": parts.get(img_ext) if img_ext else None, "ext": img_ext}
+def read_samples(images_dir: Path, wanted: set[str], limit: int) -> dict[str, ImageSample]:
+    """Up to ``limit`` samples from done shards, the ids in ``wanted`` first."""
+    found: dict[str, ImageSample] = {}
+    for shard in done_shards(images_dir)[0]:
+        for sample in iter_shard_samples(shard):
+            if sample.item_id in wanted or len(found) < limit:
+                found[sample.item_id] = sample
         if wanted and wanted.issubset(found):
             break
     return found
@@ -123,11 +107,11 @@ def groups_section(run: RunDir, limit: int) -> str:
             for cid in candidates.get(gid, [])
         )
         sample = samples.get(gid)
-        if sample and sample["image"]:
-            mime = "jpeg" if sample["ext"] in ("jpg", "jpeg") else sample["ext"]
-            data = base64.b64encode(sample["image"]).decode("ascii")
+        if sample and sample.image:
+            mime = "jpeg" if sample.image_ext in ("jpg", "jpeg") else sample.image_ext
+            data = base64.b64encode(sample.image).decode("ascii")
             img = f"<img alt='rendered image' src='data:image/{mime};base64,{data}'>"
-            meta = sample["meta"]
+            meta = sample.meta
             info = f"seed {escape(str(meta.get('seed')))} · NSFW {escape(str(meta.get('nsfw')))} · {escape(str(meta.get('model')))}"
         else:
             img, info = "<img alt='no image'>", "no image rendered"

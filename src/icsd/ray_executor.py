@@ -1,0 +1,104 @@
+"""Run shard tasks on Ray (extra ``[ray]``): one actor per worker, the model loaded once per actor.
+
+Actors write the same parts, shards and done-markers as the inline executor (the run directory
+must be on a path every node sees). A task whose actor dies (node lost, OOM) is retried on a
+fresh actor; done tasks are never rerun because the driver skipped them before dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .executor import ShardTask, WorkerFactory
+
+MAX_TASK_RETRIES = 3
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the ray executor needs Ray: pip install 'icsd[ray]'") from None
+    return ray
+
+
+def connect(address: str | None, workers: int) -> Any:
+    """Attach to a running cluster (``auto`` or ``ray://...``) or start a local one."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = max(workers, 1)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+    return ray
+
+
+def _actor_class(ray: Any) -> Any:
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class ShardActor:
+        def __init__(self, factory: WorkerFactory, index: int) -> None:
+            self.worker = factory(index)
+            self.node = socket.gethostname()
+
+        def run(self, task: ShardTask) -> dict[str, Any]:
+            result = self.worker(task, lambda n: None)
+            return {**result, "_node": self.node, "_pid": os.getpid()}
+
+    return ShardActor
+
+
+def run_ray(
+    todo: Sequence[ShardTask], factory: WorkerFactory, *, workers: int, address: str | None, bar: Any
+) -> list[dict[str, Any]]:
+    ray = connect(address, workers)
+    resources = dict(getattr(factory, "ray_resources", None) or {"num_cpus": 1})
+    actor_cls = _actor_class(ray).options(**resources)
+    n = max(1, min(workers, len(todo)))
+    actors = {i: actor_cls.remote(factory, i) for i in range(n)}
+    queue = list(todo)
+    attempts: Counter[str] = Counter()
+    in_flight: dict[Any, tuple[int, ShardTask]] = {}
+    results: list[dict[str, Any]] = []
+
+    def submit(slot: int) -> None:
+        if queue:
+            task = queue.pop(0)
+            in_flight[actors[slot].run.remote(task)] = (slot, task)
+
+    for slot in actors:
+        submit(slot)
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ref = ready[0]
+        slot, task = in_flight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            attempts[task.key] += 1
+            if attempts[task.key] > MAX_TASK_RETRIES:
+                raise RuntimeError(f"task {task.key} failed {attempts[task.key]} times on lost workers") from exc
+            queue.insert(0, task)
+            actors[slot] = actor_cls.remote(factory, slot)
+            submit(slot)
+            continue
+        results.append(result)
+        bar.update(task.size)
+        submit(slot)
+    for actor in actors.values():
+        ray.kill(actor)
+    nodes = Counter(r.get("_node", "?") for r in results)
+    for node, count in sorted(nodes.items()):
+        bar.write(f"  node {node}: {count} shard(s)")
+    return results
