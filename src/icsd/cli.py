@@ -421,6 +421,145 @@ def pairs(
     )
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  icsd train --run runs/coco --val-images coco/val2014 --val-captions dataset_coco.json\n\n"
+    "  icsd train --run runs/demo --preset tiny --max-steps 200 --device cpu\n\n"
+    "  icsd train --run runs/coco --preset prefix --text-model gpt2 --batch-size 128\n\n"
+    "One process per GPU (same command resumes after a stop; --restart starts over):\n\n"
+    "  torchrun --nproc_per_node 8 -m icsd.cli train --run runs/coco\n\n"
+    "  accelerate launch --multi_gpu --num_processes 8 -m icsd.cli train --run runs/coco\n\n"
+    "  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 "
+    "-m icsd.cli train --run /shared/runs/coco"
+)
+def train(
+    run: RunOpt,
+    preset: Annotated[str | None, typer.Option(help="icsd (paper: CLIP + BERT decoder) | prefix | tiny")] = None,
+    vision_model: Annotated[str | None, typer.Option(help="CLIP id or path (default per preset).")] = None,
+    text_model: Annotated[
+        str | None, typer.Option(help="BERT (icsd) or causal LM (prefix) id or path (default per preset).")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size (icsd: 384, position embeddings interpolated).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: --epochs over the pairs).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training pairs (default 30).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per step per process (default 64).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default per preset; icsd 1e-5).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps before the cosine decay.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loading processes per rank.")] = None,
+    data_streams: Annotated[
+        int | None, typer.Option(help="Global data streams (keep fixed across GPU counts for the same batches).")
+    ] = None,
+    val_images: Annotated[str | None, typer.Option(help="Validation image folder (never the test split).")] = None,
+    val_captions: Annotated[
+        str | None, typer.Option(help="Its captions: COCO JSON, Karpathy JSON (split val) or JSON lines.")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Without --val-images: share of synthetic images held out.")
+    ] = None,
+    val_max_images: Annotated[int | None, typer.Option(help="Validation images used at most.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Validate (and keep the best) every N steps.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Write the resumable checkpoint every N steps.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Append to metrics.jsonl every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of model init, data order and augmentation.")] = None,
+    augment: Annotated[
+        bool | None, typer.Option("--augment/--no-augment", help="RandomResizedCrop + flip (default: on, off for prefix).")
+    ] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast on GPU.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/train/tensorboard.")] = None,
+    restart: Annotated[bool | None, typer.Option("--restart", help="Discard RUN/train/last and start over.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a captioner on RUN/pairs.parquet; checkpoints in RUN/train/ (resumes from RUN/train/last)."""
+    _done(
+        _stage(
+            "train",
+            run,
+            config,
+            {
+                "preset": preset,
+                "vision_model": vision_model,
+                "text_model": text_model,
+                "image_size": image_size,
+                "max_steps": max_steps,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "lr": lr,
+                "warmup_steps": warmup_steps,
+                "device": device,
+                "num_workers": num_workers,
+                "data_streams": data_streams,
+                "val_images": val_images,
+                "val_captions": val_captions,
+                "val_fraction": val_fraction,
+                "val_max_images": val_max_images,
+                "eval_every": eval_every,
+                "save_every": save_every,
+                "log_every": log_every,
+                "seed": seed,
+                "augment": augment,
+                "bf16": bf16,
+                "compile": compile,
+                "tensorboard": tensorboard,
+                "restart": restart,
+            },
+        )
+    )
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  icsd caption --model runs/coco/train/best photo.jpg\n\n"
+    "  icsd caption --model runs/coco/train/best 'photos/*.jpg' --out captions.jsonl\n\n"
+    "  icsd caption --model runs/coco/train/best coco/val2014 --format coco --out predictions.json"
+)
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, globs or folders.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder (e.g. RUN/train/best).")],
+    beams: Annotated[int, typer.Option(help="Beam width.")] = 3,
+    min_new_tokens: Annotated[int, typer.Option(help="Shortest caption in tokens.")] = 5,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest caption in tokens.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | coco (results format)")] = "jsonl",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: stdout).")] = None,
+) -> None:
+    """Caption images with a trained checkpoint; unreadable files are reported and skipped."""
+    from .caption import caption_files
+
+    result = caption_files(
+        model,
+        images,
+        beams=beams,
+        min_new_tokens=min_new_tokens,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        fmt=format,  # type: ignore[arg-type]
+        out=out,
+    )
+    typer.echo(result.summary(), err=out is None)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  icsd score --run runs/coco --model openai/clip-vit-base-patch32\n\n"
+    "  icsd pairs --run runs/coco --min-clip-score 0.25"
+)
+def score(
+    run: RunOpt,
+    model: Annotated[str | None, typer.Option(help="CLIP model id or path.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Optional: CLIP image-text similarity of each image with its summary and selected captions."""
+    _done(_stage("score", run, config, {"model": model, "batch_size": batch_size, "device": device}))
+
+
 # ----------------------------------------------------------------------------- whole chain
 
 
