@@ -307,9 +307,30 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_with_base(file: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file; ``base: other.yaml`` (relative to the file) is read first and overlaid."""
+    path = Path(file).resolve()
+    if path in seen:
+        raise UserError(f"config 'base' chain loops back to {path}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"{path}: 'base' must be a file name")
+    return deep_merge(read_with_base(path.parent / base, (*seen, path)), data)
+
+
 def pipeline_config(file: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """The whole-chain config from YAML with dotted overrides (``{"render.model": "..."}``)."""
-    data = read_yaml(file) if file is not None else {}
+    data = read_with_base(file) if file is not None else {}
     for key, value in (overrides or {}).items():
         set_dotted(data, key, yaml.safe_load(value) if isinstance(value, str) else value)
     cfg = build(PipelineConfig, data, source=f"config {file}" if file else "config")

@@ -71,8 +71,12 @@ def default_run_dir(cfg: PipelineConfig) -> Path:
 
 
 def enabled_stages(cfg: PipelineConfig) -> list[str]:
-    """The stages this config runs: score only with a CLIP model, evaluate only with references."""
+    """The stages this config runs: score only with a CLIP model, evaluate only with references,
+    and no grouping or LLM for the uni-context baseline (one image per original caption)."""
     stages = list(ORDER)
+    if cfg.render.prompts == "captions" and set(cfg.pairs.kinds) == {"uni"}:
+        for text_stage in ("embed", "group", "summarize"):
+            stages.remove(text_stage)
     if not cfg.score.model:
         stages.remove("score")
     if not (cfg.evaluate.annotations or cfg.evaluate.predictions):
