@@ -78,7 +78,8 @@ class SentenceTransformerEmbedder:
             self.model = SentenceTransformer(self.path, device=device)
         except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing setting problem
             raise _load_error(self.path, exc) from None
-        dim = self.model.get_sentence_embedding_dimension()
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = get_dim()
         self.dim = int(dim) if dim is not None else int(self.model.encode(["x"]).shape[1])
 
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
