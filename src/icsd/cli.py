@@ -747,6 +747,10 @@ def compare(
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)  # closing lines reach logs as they happen
     try:
         app()
     except UserError as exc:
