@@ -197,6 +197,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> Non
 
 
 _DONE = object()
+# Members carry a fixed time, so the same items and settings always give the same shard bytes.
+SHARD_MTIME = 0
 
 
 class TarSink:
@@ -209,7 +211,7 @@ class TarSink:
         self.quality = quality
         self.count = 0
         self.nsfw = 0
-        self._mtime = int(time.time())
+        self._mtime = SHARD_MTIME
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
@@ -386,13 +388,16 @@ def _executor(cfg: RenderConfig, workers: int) -> ExecutorKind:
     return "process" if cfg.executor == "inline" and workers > 1 else cfg.executor
 
 
-def _totals(tasks: Sequence[ShardTask]) -> tuple[int, int]:
+def _totals(tasks: Sequence[ShardTask]) -> tuple[int, int | None]:
+    """Images in all done shards, and how many a safety checker flagged (None when none ran)."""
     images = nsfw = 0
+    checked = False
     for task in tasks:
         marker = read_marker(task.output) or {}
         images += int(marker.get("count", 0))
         nsfw += int(marker.get("nsfw", 0))
-    return images, nsfw
+        checked |= bool(marker.get("safety_checker"))
+    return images, nsfw if checked else None
 
 
 def run(cfg: RenderConfig, run: RunDir) -> StageResult:
@@ -446,9 +451,11 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
         "rendered": rendered,
         "shards": len(tasks),
         "skipped_shards": result.skipped,
-        "nsfw": nsfw if cfg.safety_checker else None,
-        "img_per_s": round(rendered / render_seconds, 2) if rendered and render_seconds > 0 else None,
     }
+    if nsfw is not None:
+        counts["nsfw"] = nsfw
+    if rendered and render_seconds > 0:
+        counts["img_per_s"] = round(rendered / render_seconds, 2)
     notes = [UNTRAINED_NOTE] if cfg.tiny_random else []
     return finish_stage(
         run,
