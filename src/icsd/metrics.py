@@ -273,6 +273,7 @@ def _meteor_class() -> type:
             ]
             self.log, self.log_path = log, log_path
             self.stats: dict[str, str] = {}
+            self.pending = b""
             self.lock = threading.Lock()
             self.meteor_p: subprocess.Popen[bytes] | None = subprocess.Popen(
                 self.meteor_cmd,
@@ -287,11 +288,20 @@ def _meteor_class() -> type:
                 raise _JavaGone
             return self.meteor_p.stdin, self.meteor_p.stdout
 
-        def _readline(self) -> bytes:
-            line: bytes = self._pipes()[1].readline()
-            if not line:
-                raise _JavaGone
-            return line
+        def _read_lines(self, n: int) -> list[bytes]:
+            """The next ``n`` lines, read in large chunks: one GIL hand-off per chunk, not per line,
+            so neither this thread nor the one computing CIDEr waits on the other for each image."""
+            stdout = self._pipes()[1]
+            chunks, have = [self.pending], self.pending.count(b"\n")
+            while have < n:
+                chunk = stdout.read1(1 << 16)  # type: ignore[attr-defined]
+                if not chunk:
+                    raise _JavaGone
+                chunks.append(chunk)
+                have += chunk.count(b"\n")
+            lines = b"".join(chunks).split(b"\n")
+            self.pending = b"\n".join(lines[n:])
+            return lines[:n]
 
         def _send(self, data: bytes, errors: list[BaseException]) -> None:
             try:
@@ -309,8 +319,8 @@ def _meteor_class() -> type:
             payload = "".join(f"{line}\n" for line in todo).encode()
             writer = threading.Thread(target=self._send, args=(payload, errors), daemon=True)
             writer.start()
-            for line in todo:
-                self.stats[line] = self._readline().decode().strip()
+            for line, stat in zip(todo, self._read_lines(len(todo)), strict=True):
+                self.stats[line] = stat.decode().strip()
             writer.join()
             if errors:
                 raise _JavaGone
@@ -330,8 +340,9 @@ def _meteor_class() -> type:
                 stdin = self._pipes()[0]
                 stdin.write(f"{eval_line}\n".encode())
                 stdin.flush()
-                scores = [float(self._readline().strip()) for _ in ids]
-                score = float(self._readline().strip())
+                *per_image, total = self._read_lines(len(ids) + 1)
+                scores = [float(x.strip()) for x in per_image]
+                score = float(total.strip())
             return score, scores
 
         def score(self, gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> tuple[float, list[float]]:

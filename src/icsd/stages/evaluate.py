@@ -17,7 +17,7 @@ from typing import Any
 from ..benchmarks import References, count_note, load_predictions, load_references, predictions_json
 from ..config import EvaluateConfig
 from ..errors import UserError
-from ..metrics import SCORE_KEYS, CaptionScores, Evaluation, score_captions
+from ..metrics import SCORE_KEYS, CaptionScores, Evaluation, parse_metrics, score_captions, shared_meteor
 from ..store import RunDir, atomic_write_json, package_versions, sha256_file
 from ._base import StageResult, Timer, finish_stage
 
@@ -201,6 +201,8 @@ def evaluate(cfg: EvaluateConfig) -> EvalOutcome:
     """Load references, get predictions (file or checkpoint), score them; nothing is written."""
     check_config(cfg)
     assert cfg.annotations is not None
+    if "METEOR" in parse_metrics(cfg.metrics):
+        shared_meteor()  # its JVM loads METEOR's paraphrase table while the files are read
     refs = load_references(cfg.annotations, benchmark=cfg.benchmark, split=cfg.split)
     notes = [n for n in (count_note(refs),) if n]
     if cfg.predictions is not None:
