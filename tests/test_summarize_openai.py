@@ -322,3 +322,18 @@ def test_cli_summarize_runs_and_prints_the_closing_line(tmp_path, coco_captions,
     assert "summarize: groups 2, ok 2" in out.output and "selections.parquet" in out.output
     help_text = CliRunner().invoke(app, ["summarize", "--help"]).output
     assert "--base-url" in help_text and "first-n" in help_text and "Examples" in help_text
+
+
+def test_client_benchmark_runs_on_a_small_scale(capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llm_client_bench", REPO / "benchmarks" / "llm_client.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "llm_client_bench", bench)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--groups", "24", "--k", "8", "--delay", "0.01", "--batch", "8", "--pause", "0.05",
+                       "--concurrency", "16"])
+    assert [r.lost for r in rows] == [0, 0, 0]
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "the server saw 72 requests" in out

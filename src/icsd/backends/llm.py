@@ -655,9 +655,10 @@ class VLLMBackend(ChatBackend):
 
     @staticmethod
     def _load_engine(model: str, gguf_file: str | None, seed: int, extra: dict[str, Any]) -> Any:
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError("the vllm backend needs vLLM: pip install 'icsd[vllm]' (GPU machines only)")
-        import vllm
+        try:
+            import vllm
+        except ImportError:
+            raise UserError("the vllm backend needs vLLM: pip install 'icsd[vllm]' (GPU machines only)") from None
 
         source, gguf = resolve_local_model(model, gguf_file)
         path = str(Path(source) / gguf) if gguf else source
