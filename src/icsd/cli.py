@@ -426,11 +426,12 @@ def pairs(
     "  icsd train --run runs/coco --val-images coco/val2014 --val-captions dataset_coco.json\n\n"
     "  icsd train --run runs/demo --preset tiny --max-steps 200 --device cpu\n\n"
     "  icsd train --run runs/coco --preset prefix --text-model gpt2 --batch-size 128\n\n"
-    "One process per GPU (same command resumes after a stop; --restart starts over):\n\n"
-    "  torchrun --nproc_per_node 8 -m icsd.cli train --run runs/coco\n\n"
-    "  accelerate launch --multi_gpu --num_processes 8 -m icsd.cli train --run runs/coco\n\n"
+    "One process per GPU (the same command resumes after a stop; --restart starts over). Under\n"
+    "torchrun/accelerate write -r RUN and -c FILE: their parsers take --run/--config as their own.\n\n"
+    "  torchrun --nproc_per_node 8 -m icsd.cli train -r runs/coco\n\n"
+    "  accelerate launch --multi_gpu --num_processes 8 -m icsd.cli train -r runs/coco\n\n"
     "  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 "
-    "-m icsd.cli train --run /shared/runs/coco"
+    "-m icsd.cli train -r /shared/runs/coco"
 )
 def train(
     run: RunOpt,

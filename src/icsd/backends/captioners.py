@@ -357,7 +357,7 @@ def build_prefix(spec: CaptionerSpec) -> CaptionModel:
         tokenizer.pad_token = tokenizer.eos_token
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    lm.resize_token_embeddings(len(tokenizer))
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the image token is always replaced
     text_config = lm.config
     text_config.tie_word_embeddings = False
     grid = vision.config.image_size // vision.config.patch_size

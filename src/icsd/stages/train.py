@@ -1,0 +1,603 @@
+"""Train a captioner on the synthetic pairs only (method step 7).
+
+Reads ``RUN/pairs.parquet`` and the render shards; writes ``RUN/train/``:
+
+- ``last/``: the newest checkpoint (``save_pretrained`` model folder + optimizer, scheduler, RNG
+  states and data position), from which a rerun of the same command resumes;
+- ``best/``: the weights with the best CIDEr + BLEU-4 on the validation split (or the final
+  weights when there is no validation split);
+- ``metrics.jsonl`` (and ``tensorboard/`` when asked).
+
+Runs as one process, or as one process per GPU under ``torchrun`` / ``accelerate launch`` (the
+ranks split the data streams; see :mod:`icsd.training.data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+import tarfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..backends.captioners import CaptionerSpec, CaptionModel, build_caption_model
+from ..config import TrainConfig
+from ..errors import UserError
+from ..executor import ShardTask, run_tasks
+from ..records import Pair, from_table
+from ..store import (
+    RunDir,
+    atomic_path,
+    atomic_write_json,
+    hash_obj,
+    is_done,
+    mark_done,
+    read_parquet,
+    sha256_file,
+)
+from ..training import checkpoint as ckpt
+from ..training.augment import center_square
+from ..training.data import PairStreams, StreamPlan, decode_image, plan_streams, processor_normalizer
+from ..training.distributed import Ranks, all_reduce_sum, barrier, gather_lists, init_ranks, shutdown
+from ..training.validation import (
+    ValSet,
+    caption_scores,
+    holdout_keys,
+    load_holdout,
+    load_user_split,
+    readable,
+)
+from ._base import StageResult, Timer, finish_stage
+
+PRESET_LR = {"icsd": 1e-5, "prefix": 2e-5, "tiny": 1e-3}
+IDENTITY_FIELDS = (
+    "preset", "vision_model", "text_model", "image_size", "prompt", "label_smoothing", "lr", "dropout",
+    "max_tokens", "augment", "crop_scale_min", "precompute_features", "shuffle_buffer", "weight_decay",
+    "warmup_steps", "batch_size", "grad_accum", "max_grad_norm", "epochs", "max_steps", "seed",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data on disk
+
+
+@dataclass
+class TrainData:
+    captions: dict[str, list[str]]
+    shards: list[str]
+    pairs: int
+    holdout: dict[str, list[str]]
+    holdout_shards: set[str]
+    pairs_sha256: str
+
+
+def load_train_data(run: RunDir, cfg: TrainConfig) -> TrainData:
+    """Training pairs by image key, the shards that hold them, and the held-out images."""
+    pairs = from_table(read_parquet(run.pairs, "pairs.parquet (run `icsd pairs` first)"), Pair)
+    by_key: dict[str, list[str]] = defaultdict(list)
+    shard_of: dict[str, str] = {}
+    for p in pairs:
+        by_key[p.image_key].append(p.caption)
+        shard_of[p.image_key] = p.shard
+    missing = sorted({s for s in shard_of.values() if not is_done(run.images / s)})
+    if missing:
+        raise UserError(f"pairs.parquet names render shards that are not finished: {missing[:3]} (rerun `icsd pairs`)")
+    fraction = 0.0 if cfg.val_images else cfg.val_fraction
+    held = holdout_keys(by_key, fraction, cfg.val_max_images)
+    captions = {k: v for k, v in by_key.items() if k not in held}
+    if not captions:
+        raise UserError("no training pairs left (pairs.parquet is empty)")
+    return TrainData(
+        captions=captions,
+        shards=sorted({shard_of[k] for k in captions}),
+        pairs=sum(len(v) for v in captions.values()),
+        holdout={k: by_key[k] for k in held},
+        holdout_shards={shard_of[k] for k in held},
+        pairs_sha256=sha256_file(run.pairs),
+    )
+
+
+def captioner_spec(cfg: TrainConfig) -> CaptionerSpec:
+    return CaptionerSpec(
+        preset=cfg.preset,
+        vision_model=cfg.vision_model,
+        text_model=cfg.text_model,
+        image_size=cfg.image_size,
+        prompt=cfg.prompt,
+        dropout=cfg.dropout,
+        beams=cfg.beams,
+        min_new_tokens=cfg.min_new_tokens,
+        max_new_tokens=cfg.max_new_tokens,
+    ).resolved()
+
+
+def resolved_settings(cfg: TrainConfig, spec: CaptionerSpec) -> dict[str, Any]:
+    values = cfg.resolved()
+    values.update(
+        vision_model=spec.vision_model,
+        text_model=spec.text_model,
+        image_size=spec.image_size,
+        dropout=spec.dropout,
+        lr=cfg.lr or PRESET_LR[cfg.preset],
+        augment=cfg.augment if cfg.augment is not None else cfg.preset != "prefix",
+    )
+    return values
+
+
+# ----------------------------------------------------------------------------- prefix features
+
+
+def feature_settings(spec: CaptionerSpec, cm: CaptionModel) -> str:
+    return hash_obj(
+        {
+            "vision_model": spec.vision_model,
+            "image_size": cm.image_size,
+            "layer": cm.model.config.vision_feature_layer,
+            "strategy": cm.model.config.vision_feature_select_strategy,
+        }
+    )
+
+
+def shard_images(path: Path, keys: dict[str, list[str]]) -> list[tuple[str, bytes]]:
+    out = []
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            key, _, ext = Path(member.name).name.partition(".")
+            if key in keys and ext.lower() in ("jpg", "jpeg", "webp", "png") and member.isfile():
+                fh = tar.extractfile(member)
+                if fh is not None:
+                    out.append((key, fh.read()))
+    return out
+
+
+def write_feature_shard(
+    source: Path, target: Path, cm: CaptionModel, keys: dict[str, list[str]], device: str, settings: str
+) -> dict[str, Any]:
+    """One image shard's frozen vision features as a webdataset shard of ``<key>.npy`` (fp16)."""
+    samples = shard_images(source, keys)
+    normalize = processor_normalizer(cm.image_processor)
+    with atomic_path(target) as tmp, tarfile.open(tmp, "w") as tar:
+        for i in range(0, len(samples), 64):
+            chunk = samples[i : i + 64]
+            pixels = normalize([center_square(decode_image(b), cm.image_size) for _, b in chunk]).to(device)
+            with torch.no_grad():
+                feats = cm.image_features(pixels).float().cpu().numpy().astype(np.float16)
+            for (key, _), f in zip(chunk, feats, strict=True):
+                buf = io.BytesIO()
+                np.save(buf, f, allow_pickle=False)
+                info = tarfile.TarInfo(f"{key}.npy")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    mark_done(target, {"settings": settings, "count": len(samples), "source": source.name})
+    return {"count": len(samples)}
+
+
+def precompute_features(run: RunDir, data: TrainData, cm: CaptionModel, spec: CaptionerSpec, ranks: Ranks) -> list[str]:
+    """Feature shards for a prefix model (each rank computes a share; done shards are kept)."""
+    folder = run.train / "features"
+    settings = feature_settings(spec, cm)
+    tasks = [
+        ShardTask(key=name, output=folder / name, size=1, payload=name, expect={"settings": settings})
+        for name in data.shards
+    ]
+
+    def factory(_: int) -> Any:
+        def work(task: ShardTask, progress: Any) -> dict[str, Any]:
+            result = write_feature_shard(run.images / task.payload, task.output, cm, data.captions, ranks.device, settings)
+            progress(1)
+            return result
+
+        return work
+
+    cm.model.eval()
+    run_tasks(tasks[ranks.rank :: ranks.world], factory, desc="image features", unit="shard", quiet=not ranks.main)
+    cm.model.train()
+    barrier(ranks)
+    return [str(folder / name) for name in data.shards]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run: RunDir, ranks: Ranks) -> None:
+        self.cfg, self.run, self.ranks = cfg, run, ranks
+        self.out = run.train
+        self.spec = captioner_spec(cfg)
+        self.settings = resolved_settings(cfg, self.spec)
+        self.cuda = ranks.device.startswith("cuda")
+        self.notes: list[str] = []
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.tb: Any = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def identity(self, data: TrainData, streams: int) -> dict[str, Any]:
+        ident = {k: self.settings[k] for k in IDENTITY_FIELDS}
+        ident.update(world=self.ranks.world, streams=streams, pairs_sha256=data.pairs_sha256)
+        ident["holdout"] = hash_obj(sorted(data.holdout))
+        return ident
+
+    def validation_set(self, data: TrainData) -> ValSet | None:
+        cfg = self.cfg
+        if bool(cfg.val_images) != bool(cfg.val_captions):
+            raise UserError("--val-images and --val-captions go together (an image folder and its captions file)")
+        if cfg.val_images and cfg.val_captions:
+            valset = load_user_split(cfg.val_images, cfg.val_captions, cfg.val_max_images)
+        elif data.holdout:
+            valset = load_holdout(self.run.images, set(data.holdout), data.holdout, data.holdout_shards)
+        else:
+            self.notes.append("note: no validation split (give --val-images/--val-captions or --val-fraction > 0): best/ holds the final weights")
+            return None
+        valset, bad = readable(valset)
+        if bad:
+            self.notes.append(f"note: {len(bad)} validation image(s) could not be read and were left out: {bad[:3]}")
+        return valset if len(valset) else None
+
+    def resume_point(self, identity: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+        if self.cfg.restart:
+            if self.ranks.main:
+                for name in ("last", ".last.old", ".last.partial", "best", ".best.partial", "tensorboard"):
+                    ckpt.clear_dir(self.out / name)
+                self.metrics_file.unlink(missing_ok=True)
+            barrier(self.ranks)
+            return None, None
+        folder = ckpt.complete_checkpoint(self.out / "last")
+        if folder is None:
+            return None, None
+        state = ckpt.read_state(folder) or {}
+        saved = state.get("identity", {})
+        diffs = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        if diffs:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in diffs[:4])
+            raise UserError(
+                f"{self.out / 'last'} was trained with other settings ({shown}); "
+                "use the same settings to resume, or --restart to train from scratch"
+            )
+        return folder, state
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.ranks.main:
+            return
+        with open(self.metrics_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, step)
+            for key, value in record.get("val", {}).items():
+                self.tb.add_scalar(f"val/{key}", value, step)
+
+    def trim_metrics(self, step: int) -> None:
+        """Drop records past the checkpoint a run resumes from (they will be redone)."""
+        if not self.ranks.main or not self.metrics_file.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        with atomic_path(self.metrics_file) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def open_tensorboard(self) -> None:
+        if not (self.cfg.tensorboard and self.ranks.main):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'icsd[tensorboard]'") from None
+        self.tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_last(self, step: int, state: dict[str, Any], cm: CaptionModel, opt: Any, sched: Any) -> None:
+        final = self.out / "last"
+        staged = ckpt.staging_dir(final)
+        if self.ranks.main:
+            ckpt.clear_dir(staged)
+            staged.mkdir(parents=True)
+        barrier(self.ranks)
+        ckpt.save_rng(staged, self.ranks.rank)
+        barrier(self.ranks)
+        if self.ranks.main:
+            cm.save(staged)
+            ckpt.save_optimizer(staged, opt)
+            ckpt.save_scheduler(staged, sched)
+            atomic_write_json(staged / ckpt.STATE_FILE, {**state, "step": step})
+            ckpt.publish(staged, final)
+        barrier(self.ranks)
+
+    def save_best(self, cm: CaptionModel, info: dict[str, Any]) -> None:
+        if not self.ranks.main:
+            return
+        final = self.out / "best"
+        staged = ckpt.staging_dir(final)
+        ckpt.clear_dir(staged)
+        cm.extra = info
+        cm.save(staged)
+        cm.extra = {}
+        ckpt.publish(staged, final)
+
+    # -- validation --------------------------------------------------------------------------
+
+    def validate(self, cm: CaptionModel, valset: ValSet) -> dict[str, float]:
+        cfg, ranks = self.cfg, self.ranks
+        captioner = cm.captioner(ranks.device)
+        mine = list(range(ranks.rank, len(valset), ranks.world))
+        preds: list[list[Any]] = []
+        for i in range(0, len(mine), 32):
+            chunk = mine[i : i + 32]
+            texts = captioner.caption(
+                [valset.load(j) for j in chunk],
+                beams=cfg.beams,
+                min_new_tokens=cfg.min_new_tokens,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            preds.extend([j, t] for j, t in zip(chunk, texts, strict=True))
+        ordered = sorted(gather_lists(preds, ranks))
+        return caption_scores([t for _, t in ordered], [valset.refs[j] for j, _ in ordered])
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self, timer: Timer) -> StageResult:
+        cfg, ranks = self.cfg, self.ranks
+        data = load_train_data(self.run, cfg)
+        try:
+            streams, stream_batch, workers = plan_streams(cfg.data_streams, ranks.world, cfg.num_workers, cfg.batch_size)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        identity = self.identity(data, streams)
+        valset = self.validation_set(data)
+        if ranks.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        folder, state = self.resume_point(identity)
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        cm = build_caption_model(self.spec)
+        if folder is not None:
+            ckpt.load_model_weights(cm.model, folder)
+        cm.model.to(ranks.device)
+        cm.model.train()
+
+        use_features = cm.kind == "prefix" and cfg.precompute_features and not self.settings["augment"]
+        urls = (
+            precompute_features(self.run, data, cm, self.spec, ranks)
+            if use_features
+            else [str(self.run.images / s) for s in data.shards]
+        )
+        plan = StreamPlan(
+            urls=tuple(urls),
+            captions=data.captions,
+            seed=cfg.seed,
+            streams=streams,
+            world=ranks.world,
+            stream_batch=stream_batch,
+            shuffle_buffer=cfg.shuffle_buffer,
+            image_size=cm.image_size,
+            augment=bool(self.settings["augment"]),
+            crop_scale_min=cfg.crop_scale_min,
+            features=use_features,
+        )
+        dataset = PairStreams(plan, ranks.rank, processor_normalizer(cm.image_processor))
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.cuda,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            prefetch_factor=4 if workers else None,
+        )
+
+        global_batch = cfg.batch_size * ranks.world
+        steps_per_epoch = max(1, math.ceil(data.pairs / (global_batch * cfg.grad_accum)))
+        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+        params = cm.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=self.settings["lr"], weight_decay=cfg.weight_decay, fused=self.cuda)
+        from transformers import get_cosine_schedule_with_warmup
+
+        sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
+        start = 0
+        best: dict[str, Any] = {"score": None, "step": None}
+        if folder is not None and state is not None:
+            ckpt.load_optimizer(folder, opt)
+            ckpt.load_scheduler(folder, sched)
+            ckpt.load_rng(folder, ranks.rank)
+            start = int(state["step"])
+            best = {"score": state.get("best_score"), "step": state.get("best_step")}
+            self.notes.append(f"note: resumed from {folder} at step {start}")
+        if ranks.main:
+            if folder is None:
+                self.metrics_file.unlink(missing_ok=True)
+            else:
+                self.trim_metrics(start)
+        self.open_tensorboard()
+
+        loss_module: Any = cm.loss_module(cfg.label_smoothing).to(ranks.device)
+        if cfg.compile:
+            loss_module = torch.compile(loss_module)
+        if ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            loss_module = DistributedDataParallel(loss_module, device_ids=[ranks.local_rank] if self.cuda else None)
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        run_state = {
+            "identity": identity,
+            "total_steps": total,
+            "steps_per_epoch": steps_per_epoch,
+            "best_score": best["score"],
+            "best_step": best["step"],
+        }
+        if start >= total:
+            self.notes.append(f"note: training already complete at step {start} (use --restart to train again)")
+        else:
+            best = self.loop(
+                cm, loss_module, loader, dataset, opt, sched, params,
+                start=start, total=total, steps_per_epoch=steps_per_epoch, workers=workers,
+                valset=valset, best=best, run_state=run_state,
+            )  # fmt: skip
+        if valset is None and ranks.main:
+            self.save_best(cm, {"step": total, "val": None})
+        if self.tb is not None:
+            self.tb.close()
+        barrier(ranks)
+
+        counts: dict[str, Any] = {
+            "steps": total,
+            "pairs": data.pairs,
+            "images": len(data.captions),
+            "ranks": ranks.world,
+        }
+        if best["score"] is not None:
+            counts["best_score"] = round(float(best["score"]), 4)
+            counts["best_step"] = best["step"]
+        extra = {"resumed_from": start, "validation": valset.source if valset else None, "settings": self.settings}
+        if not ranks.main:
+            return StageResult("train", counts, timer.seconds, self.out, self.notes)
+        return finish_stage(
+            self.run,
+            "train",
+            self.cfg,
+            inputs=[self.run.pairs, self.run.images],
+            counts=counts,
+            seconds=timer.seconds,
+            output=self.out,
+            models={"vision": self.spec.vision_model, "text": self.spec.text_model, "preset": self.spec.preset},
+            extra=extra,
+            notes=self.notes,
+        )
+
+    def next_micro(self, it: Any, workers: int, cm: CaptionModel) -> tuple[torch.Tensor, Any, int]:
+        parts = [next(it) for _ in range(max(1, workers))]
+        images = torch.cat([p["images"] for p in parts]) if len(parts) > 1 else parts[0]["images"]
+        captions = [c for p in parts for c in p["captions"]]
+        text = cm.text_batch(captions, self.cfg.max_tokens)
+        return images, text, len(captions)
+
+    def loop(
+        self,
+        cm: CaptionModel,
+        loss_module: Any,
+        loader: DataLoader[Any],
+        dataset: PairStreams,
+        opt: Any,
+        sched: Any,
+        params: list[torch.nn.Parameter],
+        *,
+        start: int,
+        total: int,
+        steps_per_epoch: int,
+        workers: int,
+        valset: ValSet | None,
+        best: dict[str, Any],
+        run_state: dict[str, Any],
+    ) -> dict[str, Any]:
+        cfg, ranks, device = self.cfg, self.ranks, self.ranks.device
+        accum = cfg.grad_accum
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and cfg.bf16)
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not ranks.main or None, dynamic_ncols=True)
+        window: dict[str, Any] = {"loss": torch.zeros((), device=device), "tokens": 0.0, "samples": 0, "wait": 0.0, "t": time.perf_counter()}
+        it: Any = None
+        completed = start
+        try:
+            for step in range(start, total):
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                if it is None or in_epoch == 0:
+                    dataset.set_epoch(epoch, steps_per_epoch * accum, in_epoch * accum)
+                    it = iter(loader)
+                t0 = time.perf_counter()
+                micro = [self.next_micro(it, workers, cm) for _ in range(accum)]
+                window["wait"] += time.perf_counter() - t0
+                tokens = all_reduce_sum(
+                    torch.tensor(float(sum(t.tokens() for _, t, _ in micro)), device=device), ranks
+                )
+                for j, (images, text, n) in enumerate(micro):
+                    sync = j == accum - 1 or not ranks.distributed
+                    with (contextlib.nullcontext() if sync else loss_module.no_sync()), autocast:
+                        loss_sum = loss_module(
+                            images.to(device, non_blocking=True),
+                            text.input_ids.to(device, non_blocking=True),
+                            text.attention_mask.to(device, non_blocking=True),
+                            text.labels.to(device, non_blocking=True),
+                        )
+                    (loss_sum * (ranks.world / tokens)).backward()
+                    window["loss"] += loss_sum.detach().float()
+                    window["samples"] += n * ranks.world
+                window["tokens"] += float(tokens)
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                )
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                done = completed = step + 1
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == total:
+                    self.log_window(done, epoch, window, grad_norm, sched, bar)
+                if valset is not None and (done % cfg.eval_every == 0 or done == total):
+                    best = self.evaluate_and_keep(cm, valset, done, best)
+                    run_state.update(best_score=best["score"], best_step=best["step"])
+                if done % cfg.save_every == 0 or done == total:
+                    self.save_last(done, {**run_state, "epoch": epoch}, cm, opt, sched)
+        except KeyboardInterrupt:
+            if not ranks.distributed and completed > start:
+                self.save_last(completed, {**run_state, "epoch": completed // steps_per_epoch}, cm, opt, sched)
+            raise
+        finally:
+            bar.close()
+        return best
+
+    def log_window(self, step: int, epoch: int, window: dict[str, Any], grad_norm: Any, sched: Any, bar: Any) -> None:
+        loss = all_reduce_sum(window["loss"].clone(), self.ranks)
+        seconds = time.perf_counter() - window["t"]
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": float(loss) / max(window["tokens"], 1.0),
+            "lr": float(sched.get_last_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "samples_per_s": window["samples"] / seconds if seconds > 0 else None,
+            "data_wait_frac": window["wait"] / seconds if seconds > 0 else None,
+        }
+        self.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+        window.update(loss=torch.zeros_like(window["loss"]), tokens=0.0, samples=0, wait=0.0, t=time.perf_counter())
+
+    def evaluate_and_keep(self, cm: CaptionModel, valset: ValSet, step: int, best: dict[str, Any]) -> dict[str, Any]:
+        scores = self.validate(cm, valset)
+        improved = best["score"] is None or scores["score"] > best["score"]
+        if improved:
+            best = {"score": scores["score"], "step": step}
+            self.save_best(cm, {"step": step, "val": scores, "val_source": valset.source})
+        barrier(self.ranks)
+        self.log({"step": step, "val": scores, "best": improved})
+        return best
+
+
+def run(cfg: TrainConfig, run: RunDir) -> StageResult:
+    timer = Timer()
+    ranks = init_ranks(cfg.device)
+    try:
+        return Trainer(cfg, run, ranks).train(timer)
+    finally:
+        shutdown(ranks)

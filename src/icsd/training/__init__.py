@@ -1,0 +1,1 @@
+"""The parts of the captioner trainer: data streams, augmentation, checkpoints, validation, ranks."""
