@@ -21,6 +21,8 @@ import pytest
 import torch
 from faults import (
     QUICKSTART_CAPTIONS,
+    QUICKSTART_IMAGES,
+    QUICKSTART_REFERENCES,
     cli_env,
     digest,
     kill_at_random_point,
@@ -30,13 +32,16 @@ from faults import (
     snapshot,
 )
 from llm_run import coco_groups, write_run
+from safetensors.torch import load_file
+from synthetic_run import coco_items, make_summary_run
 
 from icsd.backends.t2i import build_tiny_pipeline
 from icsd.chat_server import ChatServer, Reply, user_text
-from icsd.config import EmbedConfig, IngestConfig, RenderConfig, SummarizeConfig
+from icsd.config import EmbedConfig, IngestConfig, PairsConfig, RenderConfig, SummarizeConfig, TrainConfig
 from icsd.records import Selection, from_table, to_table
-from icsd.stages import embed, ingest, render, summarize
+from icsd.stages import embed, ingest, pairs, render, summarize, train
 from icsd.store import RunDir, is_done, iter_shard_samples, read_embeddings, read_parquet, write_parquet
+from icsd.training import checkpoint as ckpt
 
 _FIRST = re.compile(r"^\s*1\.\s+(.*)$", re.MULTILINE)
 
@@ -252,3 +257,81 @@ def test_render_killed_at_a_random_point_resumes_to_identical_shards(
     assert not leftovers(run.root)
     record_figures("kill/render", seed=seed, target=kill.target, delay=kill.delay,
                    shards_done_at_kill=kill.done_at_kill, records_checked=len(ids), lost=0)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- train
+
+TRAIN_STEPS = 12
+SAVE_EVERY = 2
+
+
+def train_cfg() -> TrainConfig:
+    return TrainConfig(preset="tiny", max_steps=TRAIN_STEPS, batch_size=4, save_every=SAVE_EVERY, eval_every=1000,
+                       val_fraction=0, num_workers=0, device="cpu", log_every=1)  # fmt: skip
+
+
+def checkpoint_step(run: RunDir) -> int:
+    folder = ckpt.complete_checkpoint(run.train / "last")
+    state = ckpt.read_state(folder) if folder is not None else None
+    return int(state["step"]) if state else 0
+
+
+def losses(run: RunDir) -> dict[int, float]:
+    lines = (run.train / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {sorted(steps)}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def train_base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("train")
+    items = coco_items(QUICKSTART_REFERENCES, QUICKSTART_IMAGES, 8)
+    base = make_summary_run(root / "base", items, shard_size=4)
+    pairs.run(PairsConfig(), base)
+    ref = copy_run(base, root / "reference")
+    start = time.perf_counter()
+    train.run(train_cfg(), ref)
+    seconds = time.perf_counter() - start
+    return {"base": base, "weights": weights(ref.train / "last"), "losses": losses(ref),
+            "unit_seconds": seconds / (TRAIN_STEPS // SAVE_EVERY)}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", seeds(2))
+def test_train_killed_at_a_random_point_resumes_from_its_last_checkpoint(
+    train_base: dict[str, Any], tmp_path: Path, seed: int
+) -> None:
+    run = copy_run(train_base["base"], tmp_path / "run")
+    cfg = train_cfg()
+    args = ["train", "--run", str(run.root), "--preset", "tiny", "--max-steps", str(TRAIN_STEPS),
+            "--batch-size", "4", "--save-every", str(SAVE_EVERY), "--eval-every", "1000",
+            "--val-fraction", "0", "--num-workers", "0", "--device", "cpu", "--log-every", "1"]  # fmt: skip
+    checkpoints = TRAIN_STEPS // SAVE_EVERY
+    kill = kill_at_random_point(
+        args,
+        seed=seed,
+        progress=lambda: checkpoint_step(run) // SAVE_EVERY,
+        total=checkpoints,
+        unit_seconds=train_base["unit_seconds"],
+    )
+    assert kill.alive and 1 <= kill.done_at_kill < checkpoints, kill
+    step_at_kill = checkpoint_step(run)
+
+    result = train.run(cfg, run)
+
+    assert f"at step {step_at_kill}" in " ".join(result.notes), result.notes  # resumed, not restarted
+    assert result.counts["steps"] == TRAIN_STEPS
+    got = losses(run)
+    assert sorted(got) == list(range(1, TRAIN_STEPS + 1))  # every step logged exactly once
+    assert got == pytest.approx(train_base["losses"], rel=1e-6)  # the same steps as an uninterrupted run
+    final = weights(run.train / "last")
+    assert final.keys() == train_base["weights"].keys()
+    assert all(torch.equal(final[k], train_base["weights"][k]) for k in final)
+    assert not leftovers(run.root) and not list(run.train.glob(".*.partial")) and not list(run.train.glob(".*.old"))
+    record_figures("kill/train", seed=seed, target=kill.target, delay=kill.delay, resumed_at_step=step_at_kill,
+                   records_checked=len(got), lost=0)  # fmt: skip
