@@ -459,7 +459,7 @@ def test_model_path_captions_and_scores(tmp_path: Path, coco_captions: Path, coc
     assert all(isinstance(p["caption"], str) for p in preds)
     limited = stage.evaluate(EvaluateConfig(annotations=str(refs), model=str(ckpt), images=str(coco_images), limit=2,
                                             metrics=["BLEU"], beams=1, max_new_tokens=4, min_new_tokens=1, device="cpu"))  # fmt: skip
-    assert limited.evaluation.overall.n_images == 2 and limited.scores["subset"] is True
+    assert limited.evaluation.overall.n_images == 2 and limited.scores["selection"]["subset"] is True
 
 
 def test_meteor_jvm_is_reused_between_evaluations() -> None:

@@ -185,8 +185,7 @@ def scores_document(
                 if cfg.model
                 else None
             ),
-            "n_predictions": len(captions),
-            "subset": cfg.subset or cfg.limit is not None,
+            "selection": {"predictions": len(captions), "subset": cfg.subset or cfg.limit is not None},
             "seconds": {k: round(v, 3) for k, v in ev.seconds.items()},
             "java": ev.java,
             "versions": {
