@@ -5,9 +5,10 @@ Every number comes from pycocoevalcap's own scorers and jars, so corpus and per-
 
 - The PTB tokenizer jar runs once for references and predictions together, with its temp file in
   the user cache dir (pycocoevalcap writes it next to its own module, inside site-packages).
-- METEOR's Java process starts before tokenisation and scores in a thread while BLEU, ROUGE-L and
-  CIDEr run in Python, so its JVM start-up and its work overlap the rest. Java's stderr goes to a
-  log file, so a dead JVM becomes a one-line error instead of a broken pipe.
+- METEOR's JVM starts before anything else (loading its paraphrase table takes seconds) and is
+  kept for the process; its SCORE lines go out in one write and its answers are read in chunks, in
+  a thread, while BLEU, ROUGE-L and CIDEr run in Python. Java's stderr goes to a log file, so a
+  dead JVM becomes a one-line error instead of a broken pipe.
 - SPICE runs pycocoevalcap's ``spice-1.0.jar`` with Stanford CoreNLP 3.6.0 jars from a configured
   folder; its temp and parse-cache files go to the user cache dir. Without the jars it is skipped
   with a note.
@@ -64,8 +65,8 @@ _ALIASES = {
 MIN_JAVA = 8
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 SPICE_HINT = (
-    "download stanford-corenlp-full-2015-12-09.zip from https://stanfordnlp.github.io/CoreNLP/history.html, "
-    "unzip it and pass --spice-jars DIR (or set ICSD_SPICE_JARS=DIR)"
+    "download http://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip (the file pycocoevalcap's "
+    "get_stanford_models fetches), unzip it and pass --spice-jars DIR (or set ICSD_SPICE_JARS=DIR)"
 )
 # Characters the PTB tokenizer (-preserveLines) takes as line ends besides "\n"; left in a caption
 # they would shift every later caption onto the wrong image.
