@@ -113,3 +113,38 @@ def test_reference_files_and_scores(tmp_path, coco_captions):
     assert perfect["BLEU-4"] > 0.99 and perfect["score"] == perfect["CIDEr"] + perfect["BLEU-4"]
     wrong = caption_scores(["a plane in the sky", "a bowl of soup"], [["a dog runs"], ["a cat sits"]])
     assert wrong["BLEU-4"] < 0.01 and wrong["score"] < perfect["score"]
+
+
+def test_data_workers_interleave_into_the_same_batches(shard_run):
+    from torch.utils.data import DataLoader
+
+    urls, captions = shard_run
+    inline = batches(streams_dataset(urls, captions, 1, 0, 2), 0, 3)
+    ds = streams_dataset(urls, captions, 1, 0, 2)
+    ds.set_epoch(0, 3)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, generator=torch.Generator().manual_seed(0))
+    items = list(loader)
+    assert len(items) == 6
+    for step, whole in enumerate(inline):
+        first, second = items[2 * step], items[2 * step + 1]
+        assert whole["captions"] == first["captions"] + second["captions"]
+        assert torch.equal(whole["images"], torch.cat([first["images"], second["images"]]))
+
+
+def test_held_out_synthetic_images_leave_the_training_pairs(tmp_path, coco_captions, coco_images):
+    from icsd.config import PairsConfig, TrainConfig
+    from icsd.stages import pairs as pairs_stage
+    from icsd.stages.train import Trainer, load_train_data
+    from icsd.training.distributed import Ranks
+
+    items = coco_items(coco_captions, coco_images, 6)
+    run = make_summary_run(tmp_path / "run", items, shard_size=4)
+    pairs_stage.run(PairsConfig(), run)
+    cfg = TrainConfig(preset="tiny", val_fraction=0.3)
+    data = load_train_data(run, cfg)
+    assert len(data.holdout) == 2 and not set(data.holdout) & set(data.captions)
+    assert data.pairs == sum(len(t) for _, i, t in items if f"g{i}" not in data.holdout)
+    valset = Trainer(cfg, run, Ranks(0, 1, 0, "cpu")).validation_set(data)
+    assert valset is not None and valset.ids == sorted(data.holdout)
+    assert valset.refs[0] == data.holdout[valset.ids[0]] and valset.load(0).mode == "RGB"
+    assert load_train_data(run, cfg.model_copy(update={"val_fraction": 0.0})).holdout == {}

@@ -13,8 +13,6 @@ Images flagged NSFW are left out unless asked; ``min_clip_score`` drops pairs wh
 
 from __future__ import annotations
 
-import json
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from typing import Any
 from ..config import PairsConfig
 from ..errors import UserError
 from ..records import PAIR_KINDS, Pair, Score, Selection, from_table, to_table
-from ..store import RunDir, is_done, read_parquet, write_parquet
+from ..store import RunDir, done_shards, iter_shard_samples, read_parquet, write_parquet
 from ._base import StageResult, Timer, finish_stage
 
 
@@ -40,35 +38,18 @@ class RenderedImage:
     nsfw: bool | None
 
 
-def done_shards(images_dir: Path) -> tuple[list[Path], int]:
-    """Finished shards (sorted) and how many shard files are not finished."""
-    shards = sorted(images_dir.glob("shard-*.tar"))
-    done = [s for s in shards if is_done(s)]
-    return done, len(shards) - len(done)
-
-
-def read_shard_metadata(shard: Path) -> Iterator[RenderedImage]:
-    """The ``.json`` member of every sample of a webdataset shard, without reading the images."""
-    try:
-        with tarfile.open(shard, "r") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                key = Path(member.name).name.split(".", 1)[0]
-                fh = tar.extractfile(member)
-                if fh is None:
-                    continue
-                meta = json.loads(fh.read().decode("utf-8"))
-                yield RenderedImage(
-                    key=key,
-                    shard=shard.name,
-                    item_id=str(meta.get("id", key)),
-                    prompt_source=str(meta.get("prompt_source", "summary")),
-                    prompt=str(meta.get("summary") or ""),
-                    nsfw=meta.get("nsfw"),
-                )
-    except (tarfile.TarError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"render shard is unreadable ({shard}): {exc}") from None
+def rendered_images(shard: Path) -> Iterator[RenderedImage]:
+    """What each sample's ``.json`` member of a shard says (images are not read)."""
+    for sample in iter_shard_samples(shard, with_images=False):
+        meta = sample.meta
+        yield RenderedImage(
+            key=sample.key,
+            shard=sample.shard,
+            item_id=str(meta.get("id", sample.key)),
+            prompt_source=str(meta.get("prompt_source", "summary")),
+            prompt=str(meta.get("summary") or ""),
+            nsfw=meta.get("nsfw"),
+        )
 
 
 def load_caption_texts(run: RunDir) -> dict[str, str]:
@@ -162,7 +143,7 @@ def run(cfg: PairsConfig, run: RunDir) -> StageResult:
     pairs: list[Pair] = []
     images_paired: set[str] = set()
     for shard in shards:
-        for image in read_shard_metadata(shard):
+        for image in rendered_images(shard):
             tally["images"] += 1
             if image.nsfw and not cfg.include_nsfw:
                 tally["nsfw_excluded"] += 1

@@ -42,6 +42,7 @@ from ..store import (
     atomic_write_json,
     hash_obj,
     is_done,
+    iter_shard_samples,
     mark_done,
     read_parquet,
     sha256_file,
@@ -149,15 +150,7 @@ def feature_settings(spec: CaptionerSpec, cm: CaptionModel) -> str:
 
 
 def shard_images(path: Path, keys: dict[str, list[str]]) -> list[tuple[str, bytes]]:
-    out = []
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            key, _, ext = Path(member.name).name.partition(".")
-            if key in keys and ext.lower() in ("jpg", "jpeg", "webp", "png") and member.isfile():
-                fh = tar.extractfile(member)
-                if fh is not None:
-                    out.append((key, fh.read()))
-    return out
+    return [(x.key, x.image) for x in iter_shard_samples(path) if x.key in keys and x.image is not None]
 
 
 def write_feature_shard(

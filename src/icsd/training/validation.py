@@ -13,7 +13,6 @@ import io
 import json
 import math
 import re
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..store import iter_shard_samples
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -125,13 +125,9 @@ def load_holdout(images_dir: Path, keys: set[str], refs: dict[str, list[str]], s
     """The held-out images read from the render shards that hold them."""
     found: dict[str, bytes] = {}
     for name in sorted(shards):
-        with tarfile.open(images_dir / name, "r") as tar:
-            for member in tar:
-                key, _, ext = Path(member.name).name.partition(".")
-                if key in keys and ext.lower() in ("jpg", "jpeg", "webp", "png") and member.isfile():
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        found[key] = fh.read()
+        for sample in iter_shard_samples(images_dir / name):
+            if sample.key in keys and sample.image is not None:
+                found[sample.key] = sample.image
     ids = sorted(found)
     return ValSet(source="held-out synthetic pairs", ids=ids, images=[found[k] for k in ids], refs=[refs[k] for k in ids])
 
