@@ -431,6 +431,15 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def _marker_sha256(marker: Path) -> str | None:
+    """The sha256 a done-marker records; None for a garbled marker (its part is not done anyway)."""
+    try:
+        data = read_json(marker)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data.get("sha256") if isinstance(data, dict) else None
+
+
 def input_hashes(*paths: Path) -> dict[str, str]:
     """sha256 of each input file, or of the sorted done-markers of an input folder."""
     out: dict[str, str] = {}
@@ -438,7 +447,7 @@ def input_hashes(*paths: Path) -> dict[str, str]:
         if p.is_dir():
             markers = sorted(p.glob("*.done.json"))
             if markers:
-                out[p.name] = hash_obj([(m.name, (read_json(m) or {}).get("sha256")) for m in markers])
+                out[p.name] = hash_obj([(m.name, _marker_sha256(m)) for m in markers])
             else:
                 files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
                 out[p.name] = hash_obj([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
