@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
@@ -629,7 +630,7 @@ def load_captioner(path: str, device: str = "auto") -> Captioner:
                 kind = "prefix"
             else:
                 raise UserError(f"unsupported captioner model type {model_type!r} in {folder}")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"cannot load captioner from {folder}: {str(exc).splitlines()[0]}") from None
     prompt = str(info.get("prompt", DEFAULT_PROMPT if info else ""))
     model.to(dev).eval()

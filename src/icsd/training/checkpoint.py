@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -18,11 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..store import atomic_write_json
 
 STATE_FILE = "trainer_state.json"
+RESUME_FILES = ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng-0.safetensors", "rng-0.json")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -167,11 +171,44 @@ def publish(staged: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (a file missing, truncated or garbled), or None."""
+    if read_state(folder) is None:
+        return f"{STATE_FILE} is missing or unreadable"
+    missing = [n for n in RESUME_FILES if not (folder / n).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    for f in sorted(folder.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return f"{f.name} is not valid JSON"
+    try:
+        weights = model_weight_files(folder)
+    except (KeyError, TypeError, AttributeError):
+        return "model.safetensors.index.json has no weight_map"
+    for f in [*weights, *sorted(folder.glob("*.safetensors"))]:
+        if not f.is_file():
+            return f"{f.name} is missing"
+        try:
+            with safe_open(str(f), framework="pt"):  # reads the header; checks the file covers it
+                pass
+        except (OSError, SafetensorError) as exc:
+            return f"{f.name}: {exc}"
+    return None
+
+
 def complete_checkpoint(final: Path) -> Path | None:
-    """The newest complete checkpoint folder: ``final``, or the one a kill mid-swap left behind."""
+    """The newest complete checkpoint folder: ``final``, or the one a kill mid-swap left behind.
+    A folder with a missing, truncated or garbled file is never returned (and is reported)."""
     for candidate in (final, final.with_name(f".{final.name}.old")):
-        if candidate.is_dir() and read_state(candidate) is not None:
+        if not candidate.is_dir():
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None:
             return candidate
+        if read_state(candidate) is not None:
+            log.warning("checkpoint %s is damaged (%s): not resumed from", candidate, problem)
     return None
 
 
