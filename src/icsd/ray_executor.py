@@ -64,6 +64,8 @@ def run_ray(
 ) -> list[dict[str, Any]]:
     ray = connect(address, workers)
     resources = dict(getattr(factory, "ray_resources", None) or {"num_cpus": 1})
+    if resources.get("num_gpus") and not ray.cluster_resources().get("GPU"):
+        resources.pop("num_gpus")  # a cluster without GPUs: run on CPUs instead of waiting forever
     actor_cls = _actor_class(ray).options(**resources)
     n = max(1, min(workers, len(todo)))
     actors = {i: actor_cls.remote(factory, i) for i in range(n)}

@@ -336,6 +336,11 @@ class RenderWorkerFactory:
     devices: str
     workers: int
 
+    @property
+    def ray_resources(self) -> dict[str, float]:
+        """One GPU per Ray actor unless rendering on the CPU."""
+        return {"num_cpus": 1} if self.devices in ("cpu", "mps") else {"num_cpus": 1, "num_gpus": 1}
+
     def __call__(self, index: int) -> Any:
         device = device_for_worker(self.devices, index)
         if device == "cpu" and self.workers > 1:
