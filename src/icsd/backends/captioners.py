@@ -219,11 +219,15 @@ class CaptionModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def text_batch(self, captions: Sequence[str], max_tokens: int) -> TextBatch:
+    def text_batch(self, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
+        """Tokenised captions; ``fixed`` pads every batch to the longest possible length (static
+        shapes, so ``torch.compile`` does not recompile for each new caption length)."""
         if self.kind == "encoder-decoder":
-            return encode_decoder_texts(self.tokenizer, self.prompt, captions, max_tokens)
+            return encode_decoder_texts(self.tokenizer, self.prompt, captions, max_tokens, fixed)
         image_token_id = self.model.config.image_token_id
-        return encode_prefix_texts(self.tokenizer, self.prompt, captions, max_tokens, image_token_id, self.num_image_tokens)
+        return encode_prefix_texts(
+            self.tokenizer, self.prompt, captions, max_tokens, image_token_id, self.num_image_tokens, fixed
+        )
 
     def loss_module(self, label_smoothing: float) -> CaptionLoss:
         return CaptionLoss(self.model, self.kind, label_smoothing)
@@ -422,9 +426,9 @@ class TextBatch:
         return int((self.labels[:, 1:] != -100).sum())
 
 
-def _pad(rows: list[list[int]], targets: list[int], pad: int) -> TextBatch:
-    """Right-pad rows; positions from ``targets[i]`` on (and not padding) are labels."""
-    width = max(len(r) for r in rows)
+def _pad(rows: list[list[int]], targets: list[int], pad: int, width: int | None = None) -> TextBatch:
+    """Right-pad rows (to ``width`` if given); positions from ``targets[i]`` on (and not padding) are labels."""
+    width = max([len(r) for r in rows] + [width or 0])
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -439,17 +443,19 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def encode_decoder_texts(tokenizer: Any, prompt: str, captions: Sequence[str], max_tokens: int) -> TextBatch:
+def encode_decoder_texts(
+    tokenizer: Any, prompt: str, captions: Sequence[str], max_tokens: int, fixed: bool = False
+) -> TextBatch:
     """``[start] prompt caption [end]`` for a cross-attention decoder; the loss skips the prompt."""
     start, end, pad = special_ids(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     rows, targets = [], []
     for caption in captions:
-        ids = tokenizer(prompt + clean_caption(caption), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + clean_caption(caption), add_special_tokens=False, verbose=False)["input_ids"]
         ids = ids[: max(len(prompt_ids) + 1, max_tokens - 2)]
         rows.append([start, *ids, end])
         targets.append(1 + len(prompt_ids))
-    return _pad(rows, targets, pad)
+    return _pad(rows, targets, pad, max_tokens if fixed else None)
 
 
 def prefix_prompt_text(prompt: str, num_image_tokens: int) -> str:
@@ -458,7 +464,13 @@ def prefix_prompt_text(prompt: str, num_image_tokens: int) -> str:
 
 
 def encode_prefix_texts(
-    tokenizer: Any, prompt: str, captions: Sequence[str], max_tokens: int, image_token_id: int, num_image_tokens: int
+    tokenizer: Any,
+    prompt: str,
+    captions: Sequence[str],
+    max_tokens: int,
+    image_token_id: int,
+    num_image_tokens: int,
+    fixed: bool = False,
 ) -> TextBatch:
     """``<image>*N prompt caption <eos>`` for a prefix LM; the loss skips image tokens and the prompt."""
     _, end, pad = special_ids(tokenizer)
@@ -467,10 +479,10 @@ def encode_prefix_texts(
     rows, targets = [], []
     for caption in captions:
         text = (head + " " if prompt.strip() else head) + clean_caption(caption)
-        ids = tokenizer(text)["input_ids"][: len(head_ids) + max_tokens - 1]
+        ids = tokenizer(text, verbose=False)["input_ids"][: len(head_ids) + max_tokens - 1]
         rows.append([*ids, end])
         targets.append(len(head_ids))
-    batch = _pad(rows, targets, pad)
+    batch = _pad(rows, targets, pad, len(head_ids) + max_tokens if fixed else None)
     if int((batch.input_ids == image_token_id).sum()) != num_image_tokens * len(captions):
         raise ValueError("the tokenizer split the image placeholder tokens")
     return batch

@@ -484,7 +484,7 @@ class Trainer:
         parts = [next(it) for _ in range(max(1, workers))]
         images = torch.cat([p["images"] for p in parts]) if len(parts) > 1 else parts[0]["images"]
         captions = [c for p in parts for c in p["captions"]]
-        text = cm.text_batch(captions, self.cfg.max_tokens)
+        text = cm.text_batch(captions, self.cfg.max_tokens, fixed=self.cfg.compile)
         return images, text, len(captions)
 
     def loop(
