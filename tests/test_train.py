@@ -81,10 +81,11 @@ def test_tiny_preset_reproduces_its_training_captions(tmp_path, items):
     metrics = read_metrics(run)
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0] / 2
-    vals = [m for m in metrics if "val" in m]
+    vals = [m for m in metrics if "val_CIDEr" in m]
     assert [v["step"] for v in vals] == [65, 130]
     best = json.loads((run.train / "best" / "captioner.json").read_text())
-    assert best["val"]["score"] == max(v["val"]["score"] for v in vals)
+    assert best["val"]["score"] == max(v["val_score"] for v in vals)
+    assert best["val"]["score"] == best["val"]["CIDEr"] + best["val"]["BLEU-4"]
     assert result.counts["pairs"] == sum(len(t) for _, _, t in items) and result.counts["best_step"] in (65, 130)
     assert run.stage_entry("train")["counts"]["steps"] == 130
     assert (run.train / "last" / "optimizer.safetensors").exists()
@@ -177,7 +178,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, items):
 
 def test_two_gloo_ranks_follow_the_single_process_loss_curve(tmp_path, items):
     common = ["--preset", "tiny", "--device", "cpu", "--max-steps", "6", "--log-every", "1", "--save-every", "6",
-              "--num-workers", "0", "--val-fraction", "0", "--data-streams", "2", "--lr", "2e-3"]  # fmt: skip
+              "--num-workers", "0", "--val-fraction", "0.25", "--eval-every", "6", "--data-streams", "2",
+              "--lr", "2e-3"]  # fmt: skip
     run_one = paired_run(tmp_path / "one", items[:4], shard_size=2)
     paired_run(tmp_path / "two", items[:4], shard_size=2)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -187,12 +189,14 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tmp_path, items):
     assert "ranks 2" in proc.stdout
 
     cfg = TrainConfig(preset="tiny", device="cpu", max_steps=6, log_every=1, save_every=6, num_workers=0,
-                      val_fraction=0, data_streams=2, lr=2e-3, batch_size=4)  # fmt: skip
+                      val_fraction=0.25, eval_every=6, data_streams=2, lr=2e-3, batch_size=4)  # fmt: skip
     train_stage.run(cfg, run_one)
     from icsd.store import RunDir
 
-    one = [m["loss"] for m in read_metrics(run_one)]
-    two = [m["loss"] for m in read_metrics(RunDir.at(tmp_path / "two"))]
+    one = [m["loss"] for m in read_metrics(run_one) if "loss" in m]
+    two = [m["loss"] for m in read_metrics(RunDir.at(tmp_path / "two")) if "loss" in m]
+    val_one, val_two = ([m for m in read_metrics(r) if "val_CIDEr" in m] for r in (run_one, RunDir.at(tmp_path / "two")))
+    assert [m["step"] for m in val_one] == [m["step"] for m in val_two] == [6]
     assert len(one) == len(two) == 6
     assert one[0] != one[-1]
     assert torch.allclose(torch.tensor(one), torch.tensor(two), rtol=1e-4, atol=1e-5), (one, two)

@@ -270,10 +270,9 @@ class Trainer:
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if isinstance(value, int | float) and key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, step)
-            for key, value in record.get("val", {}).items():
-                self.tb.add_scalar(f"val/{key}", value, step)
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                    tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, step)
 
     def trim_metrics(self, step: int) -> None:
         """Drop records past the checkpoint a run resumes from (they will be redone)."""
@@ -583,7 +582,7 @@ class Trainer:
             best = {"score": scores["score"], "step": step}
             self.save_best(cm, {"step": step, "val": scores, "val_source": valset.source})
         barrier(self.ranks)
-        self.log({"step": step, "val": scores, "best": improved})
+        self.log({"step": step, **{f"val_{k}": v for k, v in scores.items()}, "best": improved})
         return best
 
 
