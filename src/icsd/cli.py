@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, write_failure_reason
 
 app = typer.Typer(
     name="icsd",
@@ -760,6 +760,13 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: finished parts are kept; run the same command again to resume", err=True)
         sys.exit(130)
+    except Exception as exc:
+        reason = write_failure_reason(exc)
+        if reason is None:
+            raise
+        typer.echo(f"error: cannot write to disk ({reason}); finished parts are kept: "
+                   "free space (or fix the disk) and run the same command again", err=True)  # fmt: skip
+        sys.exit(1)
 
 
 if __name__ == "__main__":
