@@ -176,7 +176,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, items):
         train_stage.run(config_from_args(args_b).model_copy(update={"lr": 1e-3}), run_b)
 
 
-def test_two_gloo_ranks_follow_the_single_process_loss_curve(tmp_path, items):
+def test_two_gloo_ranks_and_accumulation_follow_the_single_process_loss_curve(tmp_path, items):
     common = ["--preset", "tiny", "--device", "cpu", "--max-steps", "6", "--log-every", "1", "--save-every", "6",
               "--num-workers", "0", "--val-fraction", "0.25", "--eval-every", "6", "--data-streams", "2",
               "--lr", "2e-3"]  # fmt: skip
@@ -203,3 +203,9 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(tmp_path, items):
     w1 = load_file(str(run_one.train / "last" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "train" / "last" / "model.safetensors"))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+    # two micro-batches of 2 accumulated into one step are the same global batch of 4
+    run_accum = paired_run(tmp_path / "accum", items[:4], shard_size=2)
+    train_stage.run(cfg.model_copy(update={"batch_size": 2, "grad_accum": 2}), run_accum)
+    accum = [m["loss"] for m in read_metrics(run_accum) if "loss" in m]
+    assert torch.allclose(torch.tensor(one), torch.tensor(accum), rtol=1e-4, atol=1e-5), (one, accum)
