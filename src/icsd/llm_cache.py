@@ -29,7 +29,8 @@ def request_key(model: str, params: dict[str, Any], request: ChatRequest) -> str
 
 
 class LLMCache:
-    """``get``/``put`` answers by request key; writes are committed by :meth:`commit`."""
+    """``get``/``put`` answers by request key. Puts are buffered and written in one transaction
+    by :meth:`commit` (called when a part is flushed), so the hot path never waits on SQLite."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -43,31 +44,37 @@ class LLMCache:
             "key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT NOT NULL, created REAL NOT NULL)"
         )
         self._db.commit()
-        self._pending = 0
+        self._pending: dict[str, tuple[str, str, float]] = {}
 
     def __len__(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()
-        return int(row[0])
+            return int(row[0]) + sum(1 for k in self._pending if not self._stored(k))
+
+    def _stored(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM answers WHERE key = ?", (key,)).fetchone() is not None
 
     def get(self, key: str) -> str | None:
         with self._lock:
+            if key in self._pending:
+                return self._pending[key][0]
             row = self._db.execute("SELECT text FROM answers WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def put(self, key: str, text: str, model: str) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers (key, text, model, created) VALUES (?, ?, ?, ?)",
-                (key, text, model, time.time()),
-            )
-            self._pending += 1
+            self._pending[key] = (text, model, time.time())
 
     def commit(self) -> None:
         with self._lock:
-            if self._pending:
-                self._db.commit()
-                self._pending = 0
+            if not self._pending:
+                return
+            rows = [(k, t, m, c) for k, (t, m, c) in self._pending.items()]
+            self._db.executemany(
+                "INSERT OR REPLACE INTO answers (key, text, model, created) VALUES (?, ?, ?, ?)", rows
+            )
+            self._db.commit()
+            self._pending.clear()
 
     def close(self) -> None:
         self.commit()

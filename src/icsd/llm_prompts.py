@@ -11,6 +11,7 @@ exactly which instructions produced it.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -49,7 +50,7 @@ class PromptTemplate:
     settings: PromptSettings
     compiled: jinja2.Template
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         return prompt_hash(self.text, self.settings)
 

@@ -39,6 +39,7 @@ from ..errors import UserError
 K = TypeVar("K")
 Message = dict[str, str]
 RESPONSE_FORMATS: tuple[str, ...] = ("json_schema", "json_object", "text")
+HANDOFF_SECONDS = 0.02
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -383,7 +384,7 @@ class OpenAIBackend(ChatBackend):
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield from item
         finally:
             if thread.is_alive() and "task" in holder:
                 with contextlib.suppress(RuntimeError):
@@ -396,13 +397,30 @@ class OpenAIBackend(ChatBackend):
         turn = itertools.count()
         formats = {"current": self.response_format}
 
+        batch: list[tuple[K, ChatAnswer]] = []
+
+        def hand_over() -> None:
+            nonlocal batch
+            if batch:
+                out.put(batch)
+                batch = []
+
+        async def pump() -> None:  # answers cross threads in small batches, not one wake-up each
+            while True:
+                await asyncio.sleep(HANDOFF_SECONDS)
+                hand_over()
+
         async def worker() -> None:
             for k, request in items:  # one shared iterator: each item is taken exactly once
-                out.put((k, await self._answer(request, transport, turn, formats)))
+                answer = await self._answer(request, transport, turn, formats)
+                batch.append((k, answer))
 
+        pumping = asyncio.create_task(pump())
         try:
             await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         finally:
+            pumping.cancel()
+            hand_over()
             await transport.close()
 
     def request_body(self, request: ChatRequest, fmt: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
@@ -45,7 +46,7 @@ from ..llm_prompts import (
     load_template,
     shown_candidates,
 )
-from ..records import SELECTION_STATUSES, Selection, from_table, to_table
+from ..records import SELECTION_STATUSES, SELECTIONS_SCHEMA, Selection, from_table
 from ..store import RunDir, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
 from ._base import StageResult, Timer, finish_stage
 
@@ -116,13 +117,42 @@ def next_part_index(folder: Path) -> int:
     return max(indices, default=-1) + 1
 
 
+def latest_table(folder: Path) -> pa.Table:
+    """The latest record of every group in the done parts (later parts win), columnar."""
+    parts = done_parts(folder)
+    if not parts:
+        return SELECTIONS_SCHEMA.empty_table()
+    tables = [read_parquet(p, "selections part").select(SELECTIONS_SCHEMA.names).cast(SELECTIONS_SCHEMA) for p in parts]
+    table = pa.concat_tables(tables).combine_chunks()
+    rows = pa.table({"group_id": table["group_id"], "row": pa.array(np.arange(table.num_rows, dtype=np.int64))})
+    last = rows.group_by("group_id").aggregate([("row", "max")])["row_max"]
+    return table.take(pa.array(np.sort(last.to_numpy())))
+
+
 def read_records(folder: Path) -> dict[str, Selection]:
-    """The latest record of every group found in the done parts (later parts win)."""
-    latest: dict[str, Selection] = {}
-    for part in done_parts(folder):
-        for rec in from_table(read_parquet(part, "selections part"), Selection):
-            latest[rec.group_id] = rec
-    return latest
+    """The latest record of every group found in the done parts."""
+    return {r.group_id: r for r in from_table(latest_table(folder), Selection)}
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What a rerun needs to know of a group's latest record."""
+
+    status: str
+    model: str
+    prompt_hash: str
+
+
+def priors(latest: pa.Table) -> dict[str, Prior]:
+    cols = [latest[c].to_pylist() for c in ("group_id", "status", "model", "prompt_hash")]
+    return {g: Prior(s, m, h) for g, s, m, h in zip(*cols, strict=True)}
+
+
+def selections_table(records: Sequence[Selection]) -> pa.Table:
+    """Records to an Arrow table with ``SELECTIONS_SCHEMA`` (column by column: parts hold up to
+    thousands of records and are written many times per run)."""
+    columns = {name: [getattr(r, name) for r in records] for name in SELECTIONS_SCHEMA.names}
+    return pa.Table.from_pydict(columns, schema=SELECTIONS_SCHEMA)
 
 
 def part_path(folder: Path, index: int) -> Path:
@@ -131,7 +161,7 @@ def part_path(folder: Path, index: int) -> Path:
 
 def write_part(path: Path, records: Sequence[Selection], info: dict[str, Any]) -> dict[str, Any]:
     """Write one part, then its done-marker (last, so a crash never leaves a false 'done')."""
-    write_parquet(to_table(list(records), Selection), path)
+    write_parquet(selections_table(records), path)
     statuses = Counter(r.status for r in records)
     return mark_done(path, {**info, "records": len(records), "statuses": dict(statuses)})
 
@@ -391,18 +421,21 @@ def prompt_settings(cfg: SummarizeConfig) -> PromptSettings:
     )
 
 
-def needs_answer(record: Selection | None, model: str, phash: str, retry: bool) -> bool:
+def needs_answer(record: Prior | None, model: str, phash: str, retry: bool) -> bool:
     if record is None or record.model != model or record.prompt_hash != phash:
         return True
     return retry and record.status != "ok"
 
 
-def consolidate(folder: Path, order: Sequence[str], out: Path) -> Counter[str]:
-    """(Re)write the one-row-per-group file from the parts, in candidates order."""
-    latest = read_records(folder)
-    rows = [latest[g] for g in order if g in latest]
-    write_parquet(to_table(rows, Selection), out)
-    return Counter(r.status for r in rows)
+def consolidate(latest: pa.Table, order: Sequence[str], out: Path) -> Counter[str]:
+    """(Re)write the one-row-per-group file, in candidates order, from the latest records."""
+    position = pc.index_in(latest["group_id"], value_set=pa.array(list(order), pa.string()))
+    known = pc.is_valid(position)
+    table = latest.filter(known)
+    table = table.take(pc.sort_indices(position.filter(known)))
+    write_parquet(table, out)
+    counts = pc.value_counts(table["status"]).to_pylist()
+    return Counter({c["values"]: c["counts"] for c in counts})
 
 
 def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
@@ -421,7 +454,7 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
     with exclusive(folder):
         keep = {p.name for p in done_parts(folder)}
         remove_stale_parts(folder, keep, PART_PATTERN)
-        existing = read_records(folder)
+        existing = priors(latest_table(folder))
         todo = [i for i in chosen if needs_answer(existing.get(groups.ids[i]), model, phash, cfg.retry)]
         kept = len(chosen) - len(todo)
 
@@ -445,7 +478,7 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
                     described = _run_streaming(cfg, spec, template, todo, make_item, folder, info, cache, tally)
             finally:
                 cache.close()
-        counts = consolidate(folder, groups.ids, run.selections)
+        counts = consolidate(latest_table(folder), groups.ids, run.selections)
     result_counts: dict[str, Any] = {"groups": sum(counts.values())}
     result_counts.update({s: counts.get(s, 0) for s in SELECTION_STATUSES})
     result_counts.update({"answered": sum(tally.statuses.values()), "requests": tally.requests, "cached": tally.cached, "kept": kept})
