@@ -174,15 +174,30 @@ def vision_at_size(model: Any, image_size: int) -> Any:
     return resized
 
 
+def check_all_weights_loaded(name: str, info: dict[str, Any], what: str) -> None:
+    """A one-line error when a checkpoint left weights of the model uninitialised (weights of another
+    model, or a model of another kind), instead of going on with random weights."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        example = (missing or mismatched)[0]
+        raise UserError(
+            f"{name} is not a usable {what}: {len(missing)} weights missing and {len(mismatched)} of another "
+            f"shape (e.g. {example}); is it a checkpoint of another model?"
+        )
+
+
 def load_clip_vision(name: str, image_size: int | None) -> tuple[Any, Any]:
     """A pretrained CLIP vision tower (from a CLIP or CLIPVision checkpoint) and its image processor."""
     from transformers import AutoImageProcessor, CLIPVisionModel
 
     try:
         with quiet_transformers():
-            model = CLIPVisionModel.from_pretrained(name)
-    except (OSError, ValueError) as exc:
+            loaded: Any = CLIPVisionModel.from_pretrained(name, output_loading_info=True)
+            model, info = loaded
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"cannot load CLIP vision model {name!r}: {str(exc).splitlines()[0]}") from None
+    check_all_weights_loaded(name, info, "CLIP vision model")
     size = int(image_size or model.config.image_size)  # type: ignore[arg-type]
     model = vision_at_size(model, size)
     try:
@@ -635,15 +650,17 @@ def load_captioner(path: str, device: str = "auto") -> Captioner:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             processor = AutoImageProcessor.from_pretrained(folder)
             if model_type == "vision-encoder-decoder":
-                model: Any = VisionEncoderDecoderModel.from_pretrained(folder)
+                loaded: Any = VisionEncoderDecoderModel.from_pretrained(folder, output_loading_info=True)
                 kind: ModelKind = "encoder-decoder"
             elif model_type == "llava":
-                model = LlavaForConditionalGeneration.from_pretrained(folder)
+                loaded = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
                 kind = "prefix"
             else:
                 raise UserError(f"unsupported captioner model type {model_type!r} in {folder}")
     except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"cannot load captioner from {folder}: {str(exc).splitlines()[0]}") from None
+    model, loading = loaded
+    check_all_weights_loaded(str(folder), loading, "captioner checkpoint")
     prompt = str(info.get("prompt", DEFAULT_PROMPT if info else ""))
     model.to(dev).eval()
     return Captioner(model, tokenizer, processor, kind=kind, prompt=prompt, device=dev)
