@@ -564,15 +564,22 @@ def score(
 # ----------------------------------------------------------------------------- whole chain
 
 
-def parse_dotted_overrides(args: list[str]) -> dict[str, str]:
-    """``["--render.model", "x", "--train.max_steps=5"]`` -> ``{"render.model": "x", "train.max_steps": "5"}``."""
+def split_run_args(args: list[str]) -> tuple[Path | None, dict[str, str]]:
+    """``[CONFIG] [--stage.key VALUE | --stage.key=VALUE ...]`` in any order -> (config, overrides)."""
+    config: Path | None = None
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise UserError(f"unexpected argument {arg!r}; overrides look like --stage.key VALUE")
-        key, eq, value = arg[2:].partition("=")
+        if not arg.startswith("-"):
+            if config is not None:
+                raise UserError(f"unexpected argument {arg!r}: give one CONFIG; overrides look like --stage.key VALUE")
+            config = Path(arg)
+            i += 1
+            continue
+        key, eq, value = arg.lstrip("-").partition("=")
+        if "." not in key:
+            raise UserError(f"unknown option {arg!r}; overrides look like --stage.key VALUE (see icsd run --help)")
         if not eq:
             if i + 1 >= len(args):
                 raise UserError(f"override {arg} needs a value")
@@ -580,12 +587,13 @@ def parse_dotted_overrides(args: list[str]) -> dict[str, str]:
             i += 1
         out[key.replace("-", "_")] = value
         i += 1
-    return out
+    return config, out
 
 
 @app.command(
     "run",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[CONFIG] [OPTIONS] [--stage.key VALUE ...]",
     epilog="Examples:\n\n"
     "  icsd run                                    # the offline quickstart (CPU, no downloads)\n\n"
     "  icsd run configs/icsd_coco.yaml --run runs/coco\n\n"
@@ -595,9 +603,6 @@ def parse_dotted_overrides(args: list[str]) -> dict[str, str]:
 )
 def run_chain(
     ctx: typer.Context,
-    config_file: Annotated[
-        Path | None, typer.Argument(metavar="[CONFIG]", help="Pipeline YAML (default: the offline quickstart).")
-    ] = None,
     run: Annotated[Path | None, typer.Option("--run", "-r", help="Run directory (default runs/<name>).")] = None,
     start: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
     stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
@@ -605,13 +610,15 @@ def run_chain(
         list[str] | None, typer.Option("--force", help="Redo this stage from scratch (repeatable).")
     ] = None,
 ) -> None:
-    """Run the whole chain; unchanged stages are skipped, interrupted ones resume.
+    """icsd run [CONFIG] [--stage.key VALUE ...]: the whole chain.
 
-    Any config key can be overridden as --stage.key VALUE (e.g. --render.model ID).
+    CONFIG is a pipeline YAML (default: the bundled offline quickstart). Unchanged stages are
+    skipped, interrupted ones resume. Any config key can be overridden as --stage.key VALUE
+    (e.g. --render.model ID).
     """
     from . import pipeline
 
-    overrides = parse_dotted_overrides(list(ctx.args))
+    config_file, overrides = split_run_args(list(ctx.args))
     cfg = pipeline.load_config(config_file, overrides)
     result = pipeline.run(cfg, run, start=start, stop=stop, force=force or [], echo=typer.echo)
     root = result.run.root

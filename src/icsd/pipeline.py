@@ -144,9 +144,19 @@ def record_fingerprint(stage: str, cfg: PipelineConfig, run: RunDir) -> None:
     atomic_write_json(run.manifest_json, manifest)
 
 
-def stage_config_for(stage: str, cfg: PipelineConfig, run: RunDir) -> Any:
-    """The stage's config, with what only the pipeline knows filled in (the trained checkpoint)."""
+def finished_before(stage: str, run: RunDir) -> bool:
+    """The stage completed a run earlier (so a rerun now means its config or inputs changed)."""
+    recorded = run.read_manifest().get("pipeline", {}).get(stage)
+    entry = run.stage_entry(stage) or {}
+    return bool(recorded) and bool(entry.get("complete"))
+
+
+def stage_config_for(stage: str, cfg: PipelineConfig, run: RunDir, changed: bool = False) -> Any:
+    """The stage's config, with what only the pipeline knows filled in: the trained checkpoint to
+    evaluate, and a fresh start for training whose settings or data changed since it finished."""
     stage_cfg = getattr(cfg, stage).model_copy(deep=True)
+    if stage == "train" and changed:
+        stage_cfg.restart = True
     if stage == "evaluate" and not stage_cfg.model and not stage_cfg.predictions:
         best = run.train / "best"
         stage_cfg.model = str(best if best.exists() else run.train / "last")
@@ -202,8 +212,9 @@ def run(
             result.skipped.append(stage)
             echo(f"{stage}: unchanged since its last run, skipped")
             continue
+        changed = stage in forced or finished_before(stage, rd)
         module = import_module(f"icsd.stages.{stage}")
-        stage_result = module.run(stage_config_for(stage, cfg, rd), rd)
+        stage_result = module.run(stage_config_for(stage, cfg, rd, changed), rd)
         record_fingerprint(stage, cfg, rd)
         result.ran.append(stage)
         result.results[stage] = stage_result
