@@ -65,7 +65,7 @@ PRESET_LR = {"icsd": 1e-5, "prefix": 2e-5, "tiny": 1e-3}
 IDENTITY_FIELDS = (
     "preset", "vision_model", "text_model", "image_size", "prompt", "label_smoothing", "lr", "dropout",
     "max_tokens", "augment", "crop_scale_min", "precompute_features", "shuffle_buffer", "weight_decay",
-    "warmup_steps", "batch_size", "grad_accum", "max_grad_norm", "epochs", "max_steps", "seed",
+    "warmup_steps", "grad_accum", "max_grad_norm", "epochs", "max_steps", "seed",
 )  # fmt: skip
 
 
@@ -80,6 +80,7 @@ class TrainData:
     holdout: dict[str, list[str]]
     holdout_shards: set[str]
     pairs_sha256: str
+    shard_keys: dict[str, list[str]]
 
 
 def load_train_data(run: RunDir, cfg: TrainConfig) -> TrainData:
@@ -98,6 +99,9 @@ def load_train_data(run: RunDir, cfg: TrainConfig) -> TrainData:
     captions = {k: v for k, v in by_key.items() if k not in held}
     if not captions:
         raise UserError("no training pairs left (pairs.parquet is empty)")
+    shard_keys: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(captions):
+        shard_keys[shard_of[key]].append(key)
     return TrainData(
         captions=captions,
         shards=sorted({shard_of[k] for k in captions}),
@@ -105,6 +109,7 @@ def load_train_data(run: RunDir, cfg: TrainConfig) -> TrainData:
         holdout={k: by_key[k] for k in held},
         holdout_shards={shard_of[k] for k in held},
         pairs_sha256=sha256_file(run.pairs),
+        shard_keys=dict(shard_keys),
     )
 
 
@@ -172,7 +177,8 @@ def write_feature_shard(
                 info.size = buf.tell()
                 buf.seek(0)
                 tar.addfile(info, buf)
-    mark_done(target, {"settings": settings, "count": len(samples), "source": source.name})
+    keys_hash = hash_obj(sorted(k for k, _ in samples))
+    mark_done(target, {"settings": settings, "keys": keys_hash, "count": len(samples), "source": source.name})
     return {"count": len(samples)}
 
 
@@ -181,7 +187,13 @@ def precompute_features(run: RunDir, data: TrainData, cm: CaptionModel, spec: Ca
     folder = run.train / "features"
     settings = feature_settings(spec, cm)
     tasks = [
-        ShardTask(key=name, output=folder / name, size=1, payload=name, expect={"settings": settings})
+        ShardTask(
+            key=name,
+            output=folder / name,
+            size=1,
+            payload=name,
+            expect={"settings": settings, "keys": hash_obj(data.shard_keys[name])},
+        )
         for name in data.shards
     ]
 
@@ -217,9 +229,11 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------
 
     def identity(self, data: TrainData, streams: int) -> dict[str, Any]:
+        """What must not change for a resumed run to continue the same training. The number of
+        ranks may: the same data streams and global batch give the same batches on any count."""
         ident = {k: self.settings[k] for k in IDENTITY_FIELDS}
-        ident.update(world=self.ranks.world, streams=streams, pairs_sha256=data.pairs_sha256)
-        ident["holdout"] = hash_obj(sorted(data.holdout))
+        ident.update(global_batch=self.cfg.batch_size * self.ranks.world, streams=streams)
+        ident.update(pairs_sha256=data.pairs_sha256, holdout=hash_obj(sorted(data.holdout)))
         return ident
 
     def validation_set(self, data: TrainData) -> ValSet | None:
@@ -255,8 +269,8 @@ class Trainer:
         if diffs:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in diffs[:4])
             raise UserError(
-                f"{self.out / 'last'} was trained with other settings ({shown}); "
-                "use the same settings to resume, or --restart to train from scratch"
+                f"{self.out / 'last'} was trained with other settings ({shown}); use the same settings "
+                "(on another number of GPUs: the same --data-streams and global batch) or --restart"
             )
         return folder, state
 
@@ -365,28 +379,9 @@ class Trainer:
         cm = build_caption_model(self.spec)
         if folder is not None:
             ckpt.load_model_weights(cm.model, folder)
-        cm.model.to(ranks.device)
-        cm.model.train()
+        cm.model.to(ranks.device).train()
 
-        use_features = cm.kind == "prefix" and cfg.precompute_features and not self.settings["augment"]
-        urls = (
-            precompute_features(self.run, data, cm, self.spec, ranks)
-            if use_features
-            else [str(self.run.images / s) for s in data.shards]
-        )
-        plan = StreamPlan(
-            urls=tuple(urls),
-            captions=data.captions,
-            seed=cfg.seed,
-            streams=streams,
-            world=ranks.world,
-            stream_batch=stream_batch,
-            shuffle_buffer=cfg.shuffle_buffer,
-            image_size=cm.image_size,
-            augment=bool(self.settings["augment"]),
-            crop_scale_min=cfg.crop_scale_min,
-            features=use_features,
-        )
+        plan = self.stream_plan(data, cm, streams, stream_batch)
         dataset = PairStreams(plan, ranks.rank, processor_normalizer(cm.image_processor))
         loader = DataLoader(
             dataset,
@@ -396,75 +391,96 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed),
             prefetch_factor=4 if workers else None,
         )
-
-        global_batch = cfg.batch_size * ranks.world
-        steps_per_epoch = max(1, math.ceil(data.pairs / (global_batch * cfg.grad_accum)))
+        steps_per_epoch = max(1, math.ceil(data.pairs / (cfg.batch_size * ranks.world * cfg.grad_accum)))
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
-
         params = cm.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=self.settings["lr"], weight_decay=cfg.weight_decay, fused=self.cuda)
         from transformers import get_cosine_schedule_with_warmup
 
         sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
-        start = 0
-        best: dict[str, Any] = {"score": None, "step": None}
-        if folder is not None and state is not None:
-            ckpt.load_optimizer(folder, opt)
-            ckpt.load_scheduler(folder, sched)
-            ckpt.load_rng(folder, ranks.rank)
-            start = int(state["step"])
-            best = {"score": state.get("best_score"), "step": state.get("best_step")}
-            self.notes.append(f"note: resumed from {folder} at step {start}")
-        if ranks.main:
-            if folder is None:
-                self.metrics_file.unlink(missing_ok=True)
-            else:
-                self.trim_metrics(start)
+        start, best = self.restore(folder, state, opt, sched)
         self.open_tensorboard()
 
-        loss_module: Any = cm.loss_module(cfg.label_smoothing).to(ranks.device)
-        if cfg.compile:
-            loss_module = torch.compile(loss_module)
-        if ranks.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            loss_module = DistributedDataParallel(loss_module, device_ids=[ranks.local_rank] if self.cuda else None)
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-        run_state = {
-            "identity": identity,
-            "total_steps": total,
-            "steps_per_epoch": steps_per_epoch,
-            "best_score": best["score"],
-            "best_step": best["step"],
-        }
+        run_state = {"identity": identity, "total_steps": total, "steps_per_epoch": steps_per_epoch}
+        run_state.update(best_score=best["score"], best_step=best["step"])
         if start >= total:
             self.notes.append(f"note: training already complete at step {start} (use --restart to train again)")
         else:
             best = self.loop(
-                cm, loss_module, loader, dataset, opt, sched, params,
+                cm, self.wrap(cm), loader, dataset, opt, sched, params,
                 start=start, total=total, steps_per_epoch=steps_per_epoch, workers=workers,
                 valset=valset, best=best, run_state=run_state,
             )  # fmt: skip
-        if valset is None and ranks.main:
+        if valset is None:
             self.save_best(cm, {"step": total, "val": None})
         if self.tb is not None:
             self.tb.close()
         barrier(ranks)
+        return self.result(data, valset, total, start, best, timer)
 
-        counts: dict[str, Any] = {
-            "steps": total,
-            "pairs": data.pairs,
-            "images": len(data.captions),
-            "ranks": ranks.world,
-        }
+    def stream_plan(self, data: TrainData, cm: CaptionModel, streams: int, stream_batch: int) -> StreamPlan:
+        """Where the batches come from: image shards, or feature shards for a prefix model."""
+        cfg = self.cfg
+        augment = bool(self.settings["augment"])
+        use_features = cm.kind == "prefix" and cfg.precompute_features and not augment
+        urls = (
+            precompute_features(self.run, data, cm, self.spec, self.ranks)
+            if use_features
+            else [str(self.run.images / s) for s in data.shards]
+        )
+        return StreamPlan(
+            urls=tuple(urls),
+            captions=data.captions,
+            seed=cfg.seed,
+            streams=streams,
+            world=self.ranks.world,
+            stream_batch=stream_batch,
+            shuffle_buffer=cfg.shuffle_buffer,
+            image_size=cm.image_size,
+            augment=augment,
+            crop_scale_min=cfg.crop_scale_min,
+            features=use_features,
+        )
+
+    def restore(self, folder: Path | None, state: dict[str, Any] | None, opt: Any, sched: Any) -> tuple[int, dict[str, Any]]:
+        """Optimizer, schedule and generators from a checkpoint; the step to continue from and the best so far."""
+        best: dict[str, Any] = {"score": None, "step": None}
+        if folder is None or state is None:
+            if self.ranks.main:
+                self.metrics_file.unlink(missing_ok=True)
+            return 0, best
+        start = int(state["step"])
+        ckpt.load_optimizer(folder, opt)
+        ckpt.load_scheduler(folder, sched)
+        if not ckpt.load_rng(folder, self.ranks.rank):
+            torch.manual_seed(self.cfg.seed + 1_000_003 * (self.ranks.rank + 1) + start)
+            self.notes.append(f"note: rank {self.ranks.rank} had no saved random state; reseeded")
+        self.trim_metrics(start)
+        self.notes.append(f"note: resumed from {folder} at step {start}")
+        return start, {"score": state.get("best_score"), "step": state.get("best_step")}
+
+    def wrap(self, cm: CaptionModel) -> Any:
+        """The loss module as the step runs it: compiled if asked, DDP across ranks."""
+        module: Any = cm.loss_module(self.cfg.label_smoothing).to(self.ranks.device)
+        if self.cfg.compile:
+            module = torch.compile(module)
+        if self.ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(module, device_ids=[self.ranks.local_rank] if self.cuda else None)
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return module
+
+    def result(
+        self, data: TrainData, valset: ValSet | None, total: int, start: int, best: dict[str, Any], timer: Timer
+    ) -> StageResult:
+        counts: dict[str, Any] = {"steps": total, "pairs": data.pairs, "images": len(data.captions), "ranks": self.ranks.world}
         if best["score"] is not None:
             counts["best_score"] = round(float(best["score"]), 4)
             counts["best_step"] = best["step"]
-        extra = {"resumed_from": start, "validation": valset.source if valset else None, "settings": self.settings}
-        if not ranks.main:
+        if not self.ranks.main:
             return StageResult("train", counts, timer.seconds, self.out, self.notes)
         return finish_stage(
             self.run,
@@ -475,7 +491,7 @@ class Trainer:
             seconds=timer.seconds,
             output=self.out,
             models={"vision": self.spec.vision_model, "text": self.spec.text_model, "preset": self.spec.preset},
-            extra=extra,
+            extra={"resumed_from": start, "validation": valset.source if valset else None, "settings": self.settings},
             notes=self.notes,
         )
 

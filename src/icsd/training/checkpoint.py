@@ -114,10 +114,14 @@ def save_rng(folder: Path, rank: int) -> None:
     atomic_write_json(folder / f"rng-{rank}.json", meta)
 
 
-def load_rng(folder: Path, rank: int) -> None:
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore this rank's generators; False when the checkpoint has none for it (more ranks now)."""
+    if not (folder / f"rng-{rank}.safetensors").exists():
+        return False
     tensors = load_file(str(folder / f"rng-{rank}.safetensors"))
     meta = json.loads((folder / f"rng-{rank}.json").read_text(encoding="utf-8"))
     set_rng_state(tensors, meta)
+    return True
 
 
 # ----------------------------------------------------------------------------- model weights
