@@ -179,11 +179,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     requests = build_requests(sets)
     proc, url = start_server(args.delay)
     rows: list[Row] = []
+    tmp = tempfile.TemporaryDirectory()
     try:
-        # warm-up (imports, first connections) outside the timings
+        # warm-up (imports, first connections) and inputs, outside the timings
         run_reference(url, requests[:8], 8, 0.0)
         for client in ("openai", "aiohttp"):
             run_ours(url, requests[:8], 8, client, args.timeout)
+        if args.stage:
+            run_stage(prepare_stage_run(Path(tmp.name) / "warm", sets[:8]), url, 8, args.timeout)
+            stage_run = prepare_stage_run(Path(tmp.name) / "run", sets)
         before = server_count(url)
         if not args.skip_reference:
             rows.append(measure(f"reference: batches of {args.batch}, {args.pause:g} s pause", len(requests), args.k,
@@ -192,20 +196,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
             rows.append(measure(f"ours: concurrency {args.concurrency}, client={client}", len(requests), args.k,
                                 lambda c=client: run_ours(url, requests, args.concurrency, c, args.timeout)))  # type: ignore[misc]
         if args.stage:
-            with tempfile.TemporaryDirectory() as tmp:
-                warm = prepare_stage_run(Path(tmp) / "warm", sets[:8])
-                run_stage(warm, url, 8, args.timeout)
-                run = prepare_stage_run(Path(tmp) / "run", sets)
-                rows.append(measure("ours: whole icsd summarize stage, client=aiohttp", len(sets), args.k,
-                                    lambda: run_stage(run, url, args.concurrency, args.timeout)))
+            rows.append(measure("ours: whole icsd summarize stage, client=aiohttp", len(sets), args.k,
+                                lambda: run_stage(stage_run, url, args.concurrency, args.timeout)))
         seen = server_count(url) - before
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        tmp.cleanup()
 
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"{args.groups} candidate sets of {args.k} COCO captions, server answers after {args.delay * 1000:.0f} ms "
-          f"(separate process); the server saw {seen} requests")
+          f"(separate process); {sum(r.sent for r in rows)} requests sent, the server saw {seen}")
     ref = rows[0] if not args.skip_reference else None
     header = f"{'client':52s} {'wall s':>8s} {'req/s':>8s} {'CPU s/1k':>9s} {'lost':>5s} {'speed-up':>9s}"
     print(header)
