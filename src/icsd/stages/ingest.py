@@ -196,7 +196,7 @@ def read_jsonl(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
             try:
                 yield f"{path}: line {lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: line {lineno} is malformed JSON: {exc.msg}") from None
+                raise UserError(f"{path}: line {lineno} is malformed JSON at column {exc.colno}: {exc.msg}") from None
 
     return _rows_to_raw(rows(), cfg)
 
@@ -204,12 +204,26 @@ def read_jsonl(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
 def read_csv(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
     text = _read_text(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    # Over-long fields are read whole and then dropped as too long, as in every other format.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if reader.fieldnames is None:
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise UserError(f"{path}: unreadable CSV header: {exc}") from None
+    if fieldnames is None:
         raise UserError(f"{path}: empty CSV (no header row)")
-    if cfg.field not in reader.fieldnames:
-        raise UserError(f"{path}: no column '{cfg.field}' (columns: {', '.join(reader.fieldnames)}); use --field")
-    return _rows_to_raw(((f"{path}: row {i + 2}", row) for i, row in enumerate(reader)), cfg)
+    if cfg.field not in fieldnames:
+        raise UserError(f"{path}: no column '{cfg.field}' (columns: {', '.join(fieldnames)}); use --field")
+    return _rows_to_raw(_csv_rows(reader, path), cfg)
+
+
+def _csv_rows(reader: csv.DictReader[str], path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        for i, row in enumerate(reader):
+            yield f"{path}: row {i + 2}", row
+    except csv.Error as exc:
+        raise UserError(f"{path}: line {reader.line_num} is not valid CSV: {exc}") from None
 
 
 def read_parquet_corpus(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
