@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .images import to_rgb
 from .store import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -64,7 +65,7 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]
 def open_image(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def coco_image_id(path: Path) -> int | str:

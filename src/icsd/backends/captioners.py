@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UserError
+from ..images import to_rgb
 
 PRESETS: tuple[str, ...] = ("icsd", "prefix", "tiny")
 DEFAULT_PROMPT = "a picture of "
@@ -575,7 +576,7 @@ class Captioner:
         self.model.eval()
         try:
             for i in range(0, len(images), batch_size):
-                chunk = [im.convert("RGB") for im in images[i : i + batch_size]]
+                chunk = [to_rgb(im) for im in images[i : i + batch_size]]
                 out.extend(self._caption_batch(chunk, beams, min_new_tokens, max_new_tokens))
         finally:
             self.model.train(was_training)

@@ -17,6 +17,7 @@ from typing import Any
 from ..benchmarks import References, count_note, load_predictions, load_references, predictions_json
 from ..config import EvaluateConfig
 from ..errors import UserError
+from ..images import to_rgb
 from ..metrics import SCORE_KEYS, CaptionScores, Evaluation, parse_metrics, score_captions, shared_meteor
 from ..store import RunDir, atomic_write_json, package_versions, sha256_file
 from ._base import StageResult, Timer, finish_stage
@@ -126,7 +127,7 @@ def caption_images(cfg: EvaluateConfig, refs: References) -> dict[str, str]:
             for _, path in batch:
                 try:
                     with Image.open(path) as im:
-                        pics.append(im.convert("RGB"))
+                        pics.append(to_rgb(im))
                 except (OSError, UnidentifiedImageError) as exc:
                     raise UserError(f"cannot read image {path}: {exc}") from None
             texts = captioner.caption(

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..images import to_rgb
 from ..store import iter_shard_samples
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -43,7 +44,7 @@ class ValSet:
         item = self.images[index]
         data = item.read_bytes() if isinstance(item, Path) else item
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
 
 # ----------------------------------------------------------------------------- user split
