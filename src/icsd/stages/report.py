@@ -6,10 +6,10 @@ Every string that comes from the corpus, a model or a config is HTML-escaped: ca
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 from collections import Counter
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,16 @@ from ._base import StageResult, Timer, finish_stage
 UNTRAINED_NOTE = (
     "Images come from an untrained model; pass `--render.model <id or path>` for real images."
 )
+
+# Control characters (NUL, ESC, BEL, DEL, ...) in captions or model output are shown as their
+# visible symbols (␀, ␛, ␇, ␡), never written raw into the page.
+_CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\t\n\r"} | {0x7F: 0x2421}
+
+
+def escape(text: str) -> str:
+    """Text for the page: HTML-escaped (quotes included), control characters made visible."""
+    return html.escape(text).translate(_CONTROL_PICTURES)
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
