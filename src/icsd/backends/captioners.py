@@ -119,7 +119,10 @@ def minilm_vocab() -> Path:
 
 def clip_image_processor(image_size: int, base: Any = None) -> Any:
     """A CLIP image processor (resize shortest edge, center crop, normalise) at ``image_size``."""
-    from transformers import CLIPImageProcessorPil
+    try:  # transformers 5 names the PIL/numpy implementation (no torchvision needed) explicitly
+        from transformers import CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil  # type: ignore[assignment]
 
     kwargs: dict[str, Any] = {}
     if base is not None:
@@ -366,10 +369,14 @@ def build_prefix(spec: CaptionerSpec) -> CaptionModel:
 
     assert spec.vision_model and spec.text_model
     vision, processor = load_clip_vision(spec.vision_model, spec.image_size)
+    from .llm import resolve_local_model
+
+    folder, gguf = resolve_local_model(spec.text_model, None)
+    extra = {"gguf_file": gguf} if gguf else {}
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(spec.text_model)
-            lm = AutoModelForCausalLM.from_pretrained(spec.text_model)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+            lm = AutoModelForCausalLM.from_pretrained(folder, **extra)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load language model {spec.text_model!r}: {str(exc).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
