@@ -300,6 +300,21 @@ def test_an_error_mid_run_keeps_the_records_already_answered(scripted_run, monke
     assert len(selections(run)) == len(gid_of)
 
 
+def test_an_unreachable_server_stops_the_run_with_one_line(tmp_path, coco_captions, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    captions, candidates = coco_groups(coco_captions, groups=3)
+    run = write_run(tmp_path / "run", captions, candidates)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg = SummarizeConfig(backend="openai", model="echo", base_url=[f"http://127.0.0.1:{port}/v1"],
+                          max_retries=1, retry_backoff=0.01, client="aiohttp")
+    with pytest.raises(UserError, match="cannot reach the server"):
+        summarize.run(cfg, run)
+
+
 def test_missing_candidates_is_one_line_error(tmp_path):
     from icsd.store import RunDir
 

@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 from ..errors import UserError
 
 K = TypeVar("K")
+T = TypeVar("T", str, str | None)
 Message = dict[str, str]
 RESPONSE_FORMATS: tuple[str, ...] = ("json_schema", "json_object", "text")
 HANDOFF_SECONDS = 0.02
@@ -130,6 +131,14 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
 def _mentions_response_format(message: str) -> bool:
     text = message.lower()
     return any(w in text for w in ("response_format", "json_schema", "json_object", "schema", "response format"))
+
+
+def redact(text: T, secret: str) -> T:
+    """``text`` with the API key masked: servers and proxies may repeat it in error messages, and
+    those are recorded, cached and printed."""
+    if text is None or len(secret) < 8:
+        return text
+    return text.replace(secret, "[redacted]")  # type: ignore[return-value]
 
 
 def _error_text(exc: BaseException) -> str:
@@ -344,6 +353,7 @@ class OpenAIBackend(ChatBackend):
         self.response_format = response_format
         self.client = client
         self._rng = random.Random(seed)
+        self._reached = False  # any HTTP answer at all, so far
         resolve_api_key(api_key_env, self.base_urls)  # fail early, before any request
 
     def describe(self) -> dict[str, Any]:
@@ -412,7 +422,12 @@ class OpenAIBackend(ChatBackend):
 
         async def worker() -> None:
             for k, request in items:  # one shared iterator: each item is taken exactly once
-                answer = await self._answer(request, transport, turn, formats)
+                try:
+                    answer = await self._answer(request, transport, turn, formats)
+                except FatalBackendError as exc:
+                    raise FatalBackendError(redact(str(exc), key)) from None
+                answer.error = redact(answer.error, key)
+                answer.text = redact(answer.text, key)
                 batch.append((k, answer))
 
         pumping = asyncio.create_task(pump())
@@ -449,6 +464,7 @@ class OpenAIBackend(ChatBackend):
             except TransportError as exc:
                 last_error = str(exc)
             else:
+                self._reached = True
                 if res.status == 200:
                     if res.text is None:
                         return ChatAnswer(error=res.message, attempts=attempt + 1)
@@ -475,6 +491,9 @@ class OpenAIBackend(ChatBackend):
                     return ChatAnswer(error=last_error, attempts=attempt + 1)
                 wait = retry_after_seconds(res.headers)
             if attempt >= self.max_retries:
+                if not self._reached:
+                    urls = ", ".join(self.base_urls) or "api.openai.com"
+                    raise FatalBackendError(f"cannot reach the server at {urls}: {last_error}; is it running?")
                 return ChatAnswer(error=f"gave up after {attempt + 1} attempts: {last_error}", attempts=attempt + 1)
             if wait is None:
                 wait = backoff_delay(attempt, self.backoff, self.max_backoff, self._rng)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import queue
 import re
 import time
 from collections import Counter
@@ -291,28 +292,38 @@ def answer_groups(
 
     ``on_record(record, answer, cached)`` is called once per item, in this thread.
     """
-    misses: list[int] = []
     check_cache = len(cache) > 0
-    for k in keys:
-        item = make_item(k)
-        if check_cache and item.use_cache:
-            text = cache.get(job.key(job.request(item)))
-            if text is not None:
-                answer = ChatAnswer(text=text, attempts=0)
-                on_record(job.record(item, answer), answer, True)
-                continue
-        misses.append(k)
+    hits: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
 
-    # Built lazily (the openai backend pulls them from its own thread): pure, no shared state.
+    # Pulled lazily by the backend (the openai one from its own thread): builds each request,
+    # answers it from the cache when it can, and passes only the misses on.
     def requests() -> Iterator[tuple[tuple[int, str], ChatRequest]]:
-        for k in misses:
-            request = job.request(make_item(k))
-            yield (k, job.key(request)), request
+        for k in keys:
+            item = make_item(k)
+            request = job.request(item)
+            cache_key = job.key(request)
+            if check_cache and item.use_cache:
+                text = cache.get(cache_key)
+                if text is not None:
+                    hits.put((k, text))
+                    continue
+            yield (k, cache_key), request
+
+    def record_hits() -> None:
+        while True:
+            try:
+                k, text = hits.get_nowait()
+            except queue.Empty:
+                return
+            answer = ChatAnswer(text=text, attempts=0)
+            on_record(job.record(make_item(k), answer), answer, True)
 
     for (k, cache_key), answer in backend.stream(requests()):
+        record_hits()
         if answer.text is not None:
             cache.put(cache_key, answer.text, job.model)
         on_record(job.record(make_item(k), answer), answer, False)
+    record_hits()
 
 
 class Progress:
