@@ -19,20 +19,9 @@ from typing import Any
 
 from .config import PipelineConfig, pipeline_config
 from .errors import UserError
-from .store import RunDir, hash_obj, input_hashes
+from .store import STAGES, RunDir, hash_obj, input_hashes
 
-ORDER: tuple[str, ...] = (
-    "ingest",
-    "embed",
-    "group",
-    "summarize",
-    "render",
-    "score",
-    "pairs",
-    "train",
-    "evaluate",
-    "report",
-)
+ORDER: tuple[str, ...] = STAGES
 PKG_PREFIX = "pkg:"
 
 
