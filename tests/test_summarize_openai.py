@@ -162,6 +162,10 @@ def test_a_new_prompt_redoes_every_group(scripted_run, tmp_path):
     assert len(responder.log) == sent + 3
     hashes = {r.prompt_hash for r in selections(run)}
     assert len(hashes) == 1 and result.counts["groups"] == 3
+    summarize.run(config(server, limit=2), run)  # back to the bundled prompt, for 2 groups only
+    assert len({r.prompt_hash for r in selections(run)}) == 2
+    result = summarize.run(config(server, limit=2), run)
+    assert any("1 groups outside this selection" in n for n in result.notes)
 
 
 def test_limit_and_sample_pick_groups_reproducibly(scripted_run):

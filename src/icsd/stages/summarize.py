@@ -490,6 +490,12 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
             finally:
                 cache.close()
         counts = consolidate(latest_table(folder), groups.ids, run.selections)
+        redone = {groups.ids[i] for i in todo}
+        older = sum(
+            1 for g, p in existing.items() if g not in redone and (p.model != model or p.prompt_hash != phash)
+        )
+        if older:
+            notes.append(f"note: {older} groups outside this selection keep records made with another model or prompt")
     result_counts: dict[str, Any] = {"groups": sum(counts.values())}
     result_counts.update({s: counts.get(s, 0) for s in SELECTION_STATUSES})
     result_counts.update({"answered": sum(tally.statuses.values()), "requests": tally.requests, "cached": tally.cached, "kept": kept})
