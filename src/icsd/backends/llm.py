@@ -5,9 +5,10 @@ answers arrive (any order). An answer either holds the model's text or, when the
 up, the last error. Judging the text is not a backend's business.
 
 - :class:`OpenAIBackend`: any OpenAI-compatible chat-completions server through the official
-  ``openai`` async client: N requests in flight, round-robin over base URLs, retries with
-  exponential backoff and jitter (``Retry-After`` honoured), JSON output asked for through
-  ``response_format`` (json_schema, then json_object, then plain text when a server rejects it).
+  ``openai`` async client (or, with ``client="aiohttp"``, a lean aiohttp session sending the same
+  requests): N requests in flight, round-robin over base URLs, retries with exponential backoff
+  and jitter (``Retry-After`` honoured), JSON output asked for through ``response_format``
+  (json_schema, then json_object, then plain text when a server rejects it).
 - :class:`VLLMBackend`: offline ``vllm.LLM`` with JSON-schema structured decoding and prefix caching.
 - :class:`TransformersBackend`: any causal LM (GGUF included) with its chat template, batched
   greedy generation with left padding.
@@ -37,7 +38,6 @@ from typing import Any, Protocol, TypeVar
 from ..errors import UserError
 
 K = TypeVar("K")
-T = TypeVar("T", str, str | None)
 Message = dict[str, str]
 RESPONSE_FORMATS: tuple[str, ...] = ("json_schema", "json_object", "text")
 HANDOFF_SECONDS = 0.02
@@ -133,12 +133,12 @@ def _mentions_response_format(message: str) -> bool:
     return any(w in text for w in ("response_format", "json_schema", "json_object", "schema", "response format"))
 
 
-def redact(text: T, secret: str) -> T:
+def redact(text: str | None, secret: str) -> str | None:
     """``text`` with the API key masked: servers and proxies may repeat it in error messages, and
     those are recorded, cached and printed."""
     if text is None or len(secret) < 8:
         return text
-    return text.replace(secret, "[redacted]")  # type: ignore[return-value]
+    return text.replace(secret, "[redacted]")
 
 
 def _error_text(exc: BaseException) -> str:
@@ -425,7 +425,7 @@ class OpenAIBackend(ChatBackend):
                 try:
                     answer = await self._answer(request, transport, turn, formats)
                 except FatalBackendError as exc:
-                    raise FatalBackendError(redact(str(exc), key)) from None
+                    raise FatalBackendError(redact(str(exc), key) or "") from None
                 answer.error = redact(answer.error, key)
                 answer.text = redact(answer.text, key)
                 batch.append((k, answer))
