@@ -338,6 +338,8 @@ def test_spice_missing_is_a_note_not_an_error(monkeypatch: pytest.MonkeyPatch, t
     (note,) = ev.notes
     assert note.startswith("SPICE skipped: Stanford CoreNLP 3.6.0 jars") and "--spice-jars" in note
     assert "\n" not in note
+    with pytest.raises(UserError, match="nothing to compute: SPICE skipped"):
+        score_captions({"1": ["a dog"]}, {"1": "a dog"}, metrics="SPICE")
 
 
 def test_spice_jars_configured_but_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -667,6 +667,8 @@ def score_captions(
         if jars is None:
             notes.append(spice_missing_note())
             chosen = tuple(m for m in chosen if m != "SPICE")
+            if not chosen:
+                raise UserError(f"nothing to compute: {spice_missing_note()}")
     groups = subset_ids(ids, subsets)
     java = find_java()
     seconds: dict[str, float] = {}
