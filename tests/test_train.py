@@ -72,8 +72,8 @@ def test_tiny_preset_reproduces_its_training_captions(tmp_path, items):
     run = paired_run(tmp_path / "run", items)
     val_images, val_captions = user_val_split(tmp_path / "val", items)
     cfg = TrainConfig(
-        preset="tiny", batch_size=8, max_steps=130, lr=5e-3, warmup_steps=5, augment=False, num_workers=0,
-        val_images=val_images, val_captions=val_captions, eval_every=65, save_every=65, log_every=10,
+        preset="tiny", batch_size=8, max_steps=160, lr=5e-3, warmup_steps=5, augment=False, num_workers=0,
+        val_images=val_images, val_captions=val_captions, eval_every=80, save_every=80, log_every=10,
     )  # fmt: skip
     result = train_stage.run(cfg, run)
     bleu4, preds = training_bleu4(run.train / "best", items)
@@ -82,12 +82,12 @@ def test_tiny_preset_reproduces_its_training_captions(tmp_path, items):
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0] / 2
     vals = [m for m in metrics if "val_CIDEr" in m]
-    assert [v["step"] for v in vals] == [65, 130]
+    assert [v["step"] for v in vals] == [80, 160]
     best = json.loads((run.train / "best" / "captioner.json").read_text())
     assert best["val"]["score"] == max(v["val_score"] for v in vals)
     assert best["val"]["score"] == best["val"]["CIDEr"] + best["val"]["BLEU-4"]
-    assert result.counts["pairs"] == sum(len(t) for _, _, t in items) and result.counts["best_step"] in (65, 130)
-    assert run.stage_entry("train")["counts"]["steps"] == 130
+    assert result.counts["pairs"] == sum(len(t) for _, _, t in items) and result.counts["best_step"] in (80, 160)
+    assert run.stage_entry("train")["counts"]["steps"] == 160
     assert (run.train / "last" / "optimizer.safetensors").exists()
 
 
