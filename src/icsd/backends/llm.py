@@ -172,7 +172,30 @@ class HttpResult:
 
 
 class TransportError(Exception):
-    """No HTTP answer: connection refused or dropped, timeout, unreadable body."""
+    """No HTTP answer: connection refused or dropped, timeout, unreadable body. ``reached`` says
+    whether a server was there at all (a dropped connection or a bad body proves one was)."""
+
+    def __init__(self, message: str, reached: bool = False) -> None:
+        super().__init__(message)
+        self.reached = reached
+
+
+_UNREACHED = ("Connect", "DNS", "gaierror", "Timeout")  # refused, no such host, no answer in time
+
+
+def server_reached(exc: BaseException) -> bool:
+    """Whether a client error shows that a server accepted the connection (dropped it, or sent
+    something unreadable), as opposed to a refused connection, a bad host name or a timeout.
+    The innermost error decides: HTTP clients wrap a dropped connection in their own timeout or
+    connect errors."""
+    seen = {id(exc)}
+    root = exc
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    if isinstance(root, ConnectionRefusedError | TimeoutError):
+        return False
+    return not any(word in type(root).__name__ for word in _UNREACHED)
 
 
 def _content_of(data: Any) -> tuple[str | None, int, int, str]:
@@ -222,7 +245,7 @@ class OfficialTransport:
         except openai.APIStatusError as exc:
             return HttpResult(status=exc.status_code, headers=exc.response.headers, message=str(exc.message))
         except openai.APIError as exc:  # connection, timeout, unreadable response
-            raise TransportError(_error_text(exc)) from None
+            raise TransportError(_error_text(exc), reached=server_reached(exc)) from None
         choices = getattr(response, "choices", None) or []
         if not choices:
             return HttpResult(status=200, message="the server answered without choices")
@@ -280,12 +303,13 @@ class AiohttpTransport:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TransportError(_error_text(exc) if str(exc) else f"{type(exc).__name__}: no answer in {timeout}s") from None
+            message = _error_text(exc) if str(exc) else f"{type(exc).__name__}: no answer in {timeout}s"
+            raise TransportError(message, reached=server_reached(exc)) from None
         try:
             data = json.loads(raw) if raw else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             if status == 200:
-                raise TransportError("the server answered 200 with a body that is not JSON") from None
+                raise TransportError("the server answered 200 with a body that is not JSON", reached=True) from None
             data = None
         if status != 200:
             message = raw.decode("utf-8", "replace")[:300]
@@ -463,6 +487,7 @@ class OpenAIBackend(ChatBackend):
                 res = await transport.post(next(turn), self.request_body(request, fmt), self.timeout)
             except TransportError as exc:
                 last_error = str(exc)
+                self._reached = self._reached or exc.reached
             else:
                 self._reached = True
                 if res.status == 200:
