@@ -78,9 +78,13 @@ def kill_at_random_point(
     timeout: float = 240,
 ) -> Kill:
     """Start ``icsd ARGS``; wait until a random number (1 .. total-2) of its work units are
-    finished, wait a random fraction of one unit more, then SIGKILL it (no chance to clean up)."""
+    finished, wait a random fraction of one unit more, then SIGKILL it (no chance to clean up).
+    Successive seeds draw the number from the early, middle and late third of the run in turn."""
     rng = random.Random(f"{args[0]}:{seed}")
-    target = rng.randint(1, max(1, total - 2))
+    units = list(range(1, max(2, total - 1)))
+    third = max(1, len(units) // 3)
+    start = (seed % 3) * third
+    target = rng.choice(units[start : start + third] or units)
     delay = rng.uniform(0.0, unit_seconds)
     proc = subprocess.Popen(
         icsd_cmd(*args), env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 from fault_server import ALWAYS_500, ALWAYS_DROP, planned
 from faults import QUICKSTART_CAPTIONS, REPO, cli_env, record_figures
+from llm_run import ScriptedResponder, coco_groups, head_map, write_run
 
+from icsd.chat_server import ChatServer, Reply
 from icsd.config import SummarizeConfig
 from icsd.records import Candidate, Caption, Selection, from_table, to_table
 from icsd.stages import summarize
@@ -139,3 +141,25 @@ def test_ten_thousand_requests_through_a_misbehaving_server(
         max_requests_per_group=max(len(v) for v in served.values()), seconds=round(seconds, 1),
         records_checked=len(rows), lost=0,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_dropped_connections_before_the_first_answer_do_not_abort_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    """A server that is slow to give its first answer (a model warming up) while one group's
+    connections are dropped: the server is reachable, so that group fails alone, with its reason."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    captions, candidates = coco_groups(QUICKSTART_CAPTIONS, groups=6)
+    run = write_run(tmp_path / "run", captions, candidates)
+    dropped = candidates[0].group_id
+    valid = Reply(content=json.dumps({"index": [1, 2, 3, 4, 5], "summary": "A dog on a beach."}), delay=1.5)
+    responder = ScriptedResponder(head_map(captions, candidates), {dropped: [Reply(drop=True)]}, valid)
+    with ChatServer(responder) as server:
+        cfg = SummarizeConfig(backend="openai", model="echo", base_url=[server.url], client=client, concurrency=6,
+                              timeout=10, max_retries=3, retry_backoff=0.02)  # fmt: skip
+        result = summarize.run(cfg, run)
+    rows = {r.group_id: r for r in from_table(read_parquet(run.selections), Selection)}
+    assert rows[dropped].status == "failed" and "gave up after 4 attempts" in (rows[dropped].error or "")
+    assert responder.requests_for(dropped) == 4
+    assert result.counts["ok"] == 5
