@@ -83,22 +83,22 @@ class SentenceTransformerEmbedder:
         self.dim = int(dim) if dim is not None else int(self.model.encode(["x"]).shape[1])
 
     def embed(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        out = []
+        # Batches of similar length waste little compute on padding; rows go back in input order.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start : start + self.batch_size])
+            idx = order[start : start + self.batch_size]
             vecs = self.model.encode(
-                chunk,
+                [texts[i] for i in idx],
                 batch_size=self.batch_size,
                 convert_to_numpy=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,
             )
-            out.append(np.asarray(vecs, dtype=np.float32))
+            out[idx] = np.asarray(vecs, dtype=np.float32)
             if progress:
-                progress(len(chunk))
-        if not out:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return l2_normalise(np.concatenate(out))
+                progress(len(idx))
+        return l2_normalise(out)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "kind": "sentence-transformers", "dim": self.dim}
