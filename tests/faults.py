@@ -61,7 +61,7 @@ class Kill:
 
     seed: int
     target: int  # finished units awaited before the kill
-    delay: float  # then this many seconds more
+    delay: float  # then this many seconds more (a fraction of the last unit's time)
     alive: bool  # the process was still working when the signal was sent
     done_at_kill: int  # finished units right after it died
     returncode: int
@@ -73,29 +73,38 @@ def kill_at_random_point(
     seed: int,
     progress: Callable[[], int],
     total: int,
-    unit_seconds: float,
     env: dict[str, str] | None = None,
     timeout: float = 240,
 ) -> Kill:
-    """Start ``icsd ARGS``; wait until a random number (1 .. total-2) of its work units are
-    finished, wait a random fraction of one unit more, then SIGKILL it (no chance to clean up).
-    Successive seeds draw the number from the early, middle and late third of the run in turn."""
+    """Start ``icsd ARGS``; wait until a random number (2 .. total-2) of its work units are
+    finished, then a random fraction of the time its last unit took, then SIGKILL it (no chance
+    to clean up). Successive seeds draw the number from the early, middle and late third of the
+    run in turn. The wait scales with the process's own pace, so a loaded machine moves the kill
+    point but never past the end of the run."""
     rng = random.Random(f"{args[0]}:{seed}")
-    units = list(range(1, max(2, total - 1)))
+    units = list(range(2, max(3, total - 1)))
     third = max(1, len(units) // 3)
     start = (seed % 3) * third
     target = rng.choice(units[start : start + third] or units)
-    delay = rng.uniform(0.0, unit_seconds)
+    fraction = rng.random()
     proc = subprocess.Popen(
         icsd_cmd(*args), env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    seen: dict[int, float] = {}
     deadline = time.monotonic() + timeout
+    delay = 0.0
     try:
-        while progress() < target and proc.poll() is None:
-            if time.monotonic() > deadline:
+        while proc.poll() is None:
+            done, now = progress(), time.monotonic()
+            for n in range(done + 1):
+                seen.setdefault(n, now)
+            if done >= target:
+                delay = fraction * (seen[target] - seen[target - 1])
+                time.sleep(delay)
+                break
+            if now > deadline:
                 raise AssertionError(f"icsd {args[0]} made no progress to {target} units in {timeout}s")
             time.sleep(0.01)
-        time.sleep(delay)
         alive = proc.poll() is None
         if alive:
             os.kill(proc.pid, signal.SIGKILL)

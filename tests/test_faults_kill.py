@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,11 +78,8 @@ def embed_base(tmp_path_factory: pytest.TempPathFactory, tiny_sentence_model: Pa
     cfg = EmbedConfig(
         model=str(tiny_sentence_model), part_size=EMBED_CAPTIONS // EMBED_PARTS, batch_size=4, device="cpu"
     )
-    start = time.perf_counter()
     embed.run(cfg, ref)
-    seconds = time.perf_counter() - start
-    return {"base": base, "cfg": cfg, "reference": snapshot(ref.embeddings, "part-*.parquet"),
-            "unit_seconds": seconds / EMBED_PARTS}  # fmt: skip
+    return {"base": base, "cfg": cfg, "reference": snapshot(ref.embeddings, "part-*.parquet")}
 
 
 @pytest.mark.parametrize("seed", seeds(3))
@@ -99,9 +95,8 @@ def test_embed_killed_at_a_random_point_resumes_to_identical_parts(
         seed=seed,
         progress=lambda: finished(run.embeddings, "part-*.parquet"),
         total=EMBED_PARTS,
-        unit_seconds=embed_base["unit_seconds"],
     )
-    assert kill.alive and 1 <= kill.done_at_kill < EMBED_PARTS, kill
+    assert kill.alive and 2 <= kill.done_at_kill < EMBED_PARTS, kill
     done_before = {n: h for n, h in snapshot(run.embeddings, "part-*.parquet").items()
                    if is_done(run.embeddings / n)}  # fmt: skip
 
@@ -175,10 +170,9 @@ def test_summarize_killed_at_a_random_point_loses_only_groups_in_flight(
         seed=seed,
         progress=lambda: len(summarize.done_parts(run.selection_parts)),
         total=total_parts,
-        unit_seconds=SUMMARY_PART * SERVER_DELAY / SERVER_CONCURRENCY,
         env=cli_env(OPENAI_API_KEY=""),
     )
-    assert kill.alive and 1 <= kill.done_at_kill < total_parts, kill
+    assert kill.alive and 2 <= kill.done_at_kill < total_parts, kill
     parts_before = {n: h for n, h in snapshot(run.selection_parts, "part-*.parquet").items()
                     if is_done(run.selection_parts / n)}  # fmt: skip
     groups_before = records_in_parts(run)
@@ -219,11 +213,8 @@ def render_base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_parquet(to_table(rows, Selection), base.selections)
     ref = copy_run(base, root / "reference")
     cfg = RenderConfig(model=str(model), steps=2, size=32, shard_size=RENDER_SHARD, batch_size=1, devices="cpu")
-    start = time.perf_counter()
     render.run(cfg, ref)
-    seconds = time.perf_counter() - start
-    return {"base": base, "cfg": cfg, "reference": snapshot(ref.images, "shard-*.tar"),
-            "unit_seconds": seconds / (RENDER_ITEMS // RENDER_SHARD)}  # fmt: skip
+    return {"base": base, "cfg": cfg, "reference": snapshot(ref.images, "shard-*.tar")}
 
 
 @pytest.mark.parametrize("seed", seeds(2))
@@ -241,9 +232,8 @@ def test_render_killed_at_a_random_point_resumes_to_identical_shards(
         seed=seed,
         progress=lambda: finished(run.images, "shard-*.tar"),
         total=shards,
-        unit_seconds=render_base["unit_seconds"],
     )
-    assert kill.alive and 1 <= kill.done_at_kill < shards, kill
+    assert kill.alive and 2 <= kill.done_at_kill < shards, kill
     done_before = {n: h for n, h in snapshot(run.images, "shard-*.tar").items() if is_done(run.images / n)}
 
     result = render.run(cfg, run)
@@ -295,11 +285,8 @@ def train_base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = make_summary_run(root / "base", items, shard_size=4)
     pairs.run(PairsConfig(), base)
     ref = copy_run(base, root / "reference")
-    start = time.perf_counter()
     train.run(train_cfg(), ref)
-    seconds = time.perf_counter() - start
-    return {"base": base, "weights": weights(ref.train / "last"), "losses": losses(ref),
-            "unit_seconds": seconds / (TRAIN_STEPS // SAVE_EVERY)}  # fmt: skip
+    return {"base": base, "weights": weights(ref.train / "last"), "losses": losses(ref)}
 
 
 @pytest.mark.parametrize("seed", seeds(2))
@@ -317,9 +304,8 @@ def test_train_killed_at_a_random_point_resumes_from_its_last_checkpoint(
         seed=seed,
         progress=lambda: checkpoint_step(run) // SAVE_EVERY,
         total=checkpoints,
-        unit_seconds=train_base["unit_seconds"],
     )
-    assert kill.alive and 1 <= kill.done_at_kill < checkpoints, kill
+    assert kill.alive and 2 <= kill.done_at_kill < checkpoints, kill
     step_at_kill = checkpoint_step(run)
 
     result = train.run(cfg, run)
