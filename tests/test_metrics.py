@@ -145,16 +145,26 @@ def test_tokenizer_matches_pycocoevalcap_and_keeps_lines_aligned() -> None:
 
 
 def test_tokenizer_writes_nothing_into_site_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
     import pycocoevalcap
 
     pkg = Path(pycocoevalcap.__path__[0])
-    before = {p for p in pkg.rglob("*") if "__pycache__" not in p.parts}
     cache = tmp_path / "cache"
     monkeypatch.setenv("ICSD_CACHE_DIR", str(cache))
+    made: list[Path] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def recording_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)
+        made.append(Path(name))
+        return fd, name
+
+    monkeypatch.setattr(metrics.tempfile, "mkstemp", recording_mkstemp)
     assert ptb_tokenize_sentences(["a caption."]) == ["a caption"]
-    after = {p for p in pkg.rglob("*") if "__pycache__" not in p.parts}
-    assert after == before
-    assert (cache / "eval-tmp").is_dir() and not list((cache / "eval-tmp").glob("ptb-*"))
+    assert made and all(p.parent == cache / "eval-tmp" for p in made)
+    assert not any(pkg in p.parents for p in made)
+    assert not list((cache / "eval-tmp").glob("ptb-*"))  # removed after use
 
 
 def test_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
