@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..config import ReportConfig
 from ..records import ImageSample
-from ..store import RunDir, atomic_write_text, done_shards, iter_shard_samples
+from ..store import STAGES, RunDir, atomic_write_text, done_shards, iter_shard_samples
 from ._base import StageResult, Timer, finish_stage
 
 UNTRAINED_NOTE = (
@@ -72,7 +72,9 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def overview(manifest: dict[str, Any]) -> str:
-    stages = manifest.get("stages", {})
+    recorded = manifest.get("stages", {})
+    order = {name: i for i, name in enumerate(STAGES)}
+    stages = dict(sorted(recorded.items(), key=lambda kv: order.get(kv[0], len(order))))
     rows = []
     for name, entry in stages.items():
         counts = ", ".join(f"{k}: {_fmt(v)}" for k, v in (entry.get("counts") or {}).items())
