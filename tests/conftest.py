@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,14 @@ def tiny_clip_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     CLIPModel(cfg).save_pretrained(root)
     proc.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module (2-core CI: subprocesses and servers need the other core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

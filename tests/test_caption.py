@@ -24,6 +24,8 @@ from icsd.backends.captioners import (
 )
 from icsd.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The snippets README shows: a checkpoint captions with plain transformers, icsd not imported.
 PLAIN_ENCODER_DECODER = """
 from PIL import Image
@@ -62,12 +64,6 @@ def plain_script(snippets: list[tuple[str, Path, Path, int]]) -> str:
     return "\n".join(parts)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

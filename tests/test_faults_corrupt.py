@@ -46,13 +46,9 @@ from icsd.stages import embed, group, ingest, pairs, render, summarize, train
 from icsd.store import RunDir, is_done, marker_path, read_embeddings, read_parquet, write_parquet
 from icsd.training import checkpoint as ckpt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

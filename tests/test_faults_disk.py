@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from faults import QUICKSTART_CAPTIONS, cli_env, digest, icsd_cmd, leftovers, record_figures, snapshot
 from llm_run import coco_groups, write_run
 
@@ -32,15 +31,11 @@ from icsd.records import Selection, from_table, to_table
 from icsd.stages import embed, ingest, render, summarize
 from icsd.store import RunDir, is_done, read_embeddings, read_parquet, write_parquet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PAGE = 4096
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pages(size: int) -> int:

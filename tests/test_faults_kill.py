@@ -42,16 +42,11 @@ from icsd.stages import embed, ingest, pairs, render, summarize, train
 from icsd.store import RunDir, is_done, iter_shard_samples, read_embeddings, read_parquet, write_parquet
 from icsd.training import checkpoint as ckpt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 _FIRST = re.compile(r"^\s*1\.\s+(.*)$", re.MULTILINE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The subprocesses run with one math thread; so do the reference runs, for the same bits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def copy_run(src: RunDir, dest: Path) -> RunDir:

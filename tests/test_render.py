@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,13 @@ from icsd.records import Caption, Selection, to_table
 from icsd.stages import render
 from icsd.store import RunDir, is_done, read_marker, safe_key, write_parquet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 32
 STEPS = 2
 ODD_ID = "grp/7 a..b"  # not file-name safe: stored under store.safe_key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,11 @@ from icsd.stages import pairs as pairs_stage
 from icsd.stages import train as train_stage
 from icsd.training.validation import caption_scores
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
