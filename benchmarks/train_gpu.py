@@ -38,7 +38,9 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ICSD_SHARED_DATA", REPO.parent / "shared" / "data")) / "coco"
+# the COCO photos and captions that ship with the tests (ICSD_SHARED_DATA=DIR: DIR/coco instead)
+_OTHER_DATA = os.environ.get("ICSD_SHARED_DATA")
+SHARED = Path(_OTHER_DATA) / "coco" if _OTHER_DATA else REPO / "tests" / "data" / "coco"
 
 PAPER = {
     "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -75,14 +77,15 @@ def save_random_components(root: Path, shapes: dict[str, Any]) -> tuple[Path, Pa
 
 def long_captions(n: int) -> list[str]:
     """Real COCO captions joined until each is longer than the 30-token cap."""
-    data = json.loads((SHARED / "captions_val2017.json").read_text())
+    full = SHARED / "captions_val2017.json"
+    data = json.loads((full if full.is_file() else SHARED / "captions_val2017_subset.json").read_text())
     texts = [a["caption"].strip() for a in data["annotations"]]
     rng = random.Random(0)
     return [" ".join(rng.sample(texts, 4)) for _ in range(n)]
 
 
 def write_shards(run_root: Path, images: int, render_size: int, shard_size: int = 256) -> int:
-    """Render-contract shards of ``images`` 512x512 JPEGs (the shared COCO photos, cropped and
+    """Render-contract shards of ``images`` 512x512 JPEGs (the COCO test photos, cropped and
     re-encoded under distinct keys), five long captions per image, plus pairs.parquet."""
     from PIL import Image
 
@@ -92,7 +95,7 @@ def write_shards(run_root: Path, images: int, render_size: int, shard_size: int 
     run = RunDir.at(run_root)
     photos = sorted(SHARED.glob("val2017/*.jpg"))
     if not photos:
-        raise SystemExit(f"shared COCO photos not found under {SHARED}")
+        raise SystemExit(f"COCO photos not found under {SHARED}")
     encoded = []
     for p in photos:
         with Image.open(p) as im:

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the shared real data (skipped cleanly when absent)."""
+"""Shared fixtures: paths to the real test data under ``tests/data`` (a missing file is a failure)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ICSD_SHARED_DATA", REPO.parent / "shared" / "data"))
-COCO_CAPTIONS = SHARED_DATA / "coco" / "captions_val2017.json"
-COCO_IMAGES = SHARED_DATA / "coco" / "val2017"
+TEST_DATA = REPO / "tests" / "data"  # real data, copied into the repository (see its README.md)
+COCO_CAPTIONS = TEST_DATA / "coco" / "captions_val2017_subset.json"
+COCO_IMAGES = TEST_DATA / "coco" / "val2017"
+COCO_SUBSET_IMAGES = 998  # images and captions in the subset file (tests/data/README.md)
+COCO_SUBSET_CAPTIONS = 4993
 
 
 @pytest.fixture(scope="session")
 def coco_captions() -> Path:
-    if not COCO_CAPTIONS.exists():
-        pytest.skip(f"shared data not found: {COCO_CAPTIONS}")
+    assert COCO_CAPTIONS.is_file(), f"test data missing: {COCO_CAPTIONS} (it ships with the repository)"
     return COCO_CAPTIONS
 
 
 @pytest.fixture(scope="session")
 def coco_images() -> Path:
-    if not COCO_IMAGES.is_dir():
-        pytest.skip(f"shared images not found: {COCO_IMAGES}")
+    photos = sorted(COCO_IMAGES.glob("*.jpg"))
+    assert len(photos) == 24, f"test data missing: expected 24 photos in {COCO_IMAGES}, found {len(photos)}"
     return COCO_IMAGES
 
 
@@ -65,7 +66,7 @@ def tiny_sentence_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def coco_slice(tmp_path: Path, coco_captions: Path) -> Path:
-    """The first 300 annotations of the shared COCO captions as a small COCO-format file."""
+    """The first 300 annotations of the COCO test captions as a small COCO-format file."""
     import json
 
     data = json.loads(coco_captions.read_text())

@@ -18,7 +18,7 @@ from icsd.store import RunDir, atomic_path, mark_done, safe_key, write_parquet
 
 
 def coco_items(captions_json: Path, images_dir: Path, n: int) -> list[tuple[Path, int, list[str]]]:
-    """The first ``n`` shared COCO images (sorted by name) with their human captions."""
+    """The first ``n`` COCO test images (sorted by name) with their human captions."""
     data = json.loads(captions_json.read_text())
     by_image: dict[int, list[str]] = defaultdict(list)
     for ann in data["annotations"]:

@@ -172,7 +172,7 @@ def test_coco_captions_keep_image_order(coco_file: Path) -> None:
 
 def test_real_coco_captions(coco_captions: Path) -> None:
     refs = load_references(coco_captions)
-    assert len(refs.images) == 5000 and refs.n_captions == 25014
+    assert len(refs.images) == 998 and refs.n_captions == 4993  # the subset in tests/data
     assert refs.images[0].file is not None and refs.images[0].file.endswith(".jpg")
 
 
@@ -432,7 +432,7 @@ def test_cli_subset(tmp_path: Path, coco_file: Path) -> None:
 
 
 def test_model_path_captions_and_scores(tmp_path: Path, coco_captions: Path, coco_images: Path) -> None:
-    """A tiny random checkpoint made by the captioner API captions the shared COCO images
+    """A tiny random checkpoint made by the captioner API captions the COCO test images
     (batched) and the captions are scored; decoding settings land in scores.json."""
     captioners = pytest.importorskip("icsd.backends.captioners")
     data = json.loads(coco_captions.read_text())

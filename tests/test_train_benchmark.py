@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_train_benchmark_tiny_on_cpu(tmp_path: Path, coco_images: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ICSD_SHARED_DATA", None)  # the benchmark reads the photos under tests/data, as CI does
     out_json = tmp_path / "result.json"
     args = [sys.executable, str(REPO / "benchmarks" / "train_gpu.py"), "--tiny", "--steps", "4", "--warmup", "2",
             "--images", "16", "--json", str(out_json)]  # fmt: skip

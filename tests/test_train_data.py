@@ -104,7 +104,7 @@ def test_holdout_keys_are_stable_and_leave_training_data():
 
 def test_reference_files_and_scores(tmp_path, coco_captions):
     refs = read_reference_file(coco_captions)
-    assert len(refs) == 5000 and all(name.endswith(".jpg") for name in list(refs)[:5])
+    assert len(refs) == 998 and all(name.endswith(".jpg") for name in list(refs)[:5])
     jsonl = tmp_path / "val.jsonl"
     jsonl.write_text('{"image": "a.jpg", "captions": ["a dog", "the dog"]}\n{"image": "b.jpg", "caption": "a cat"}\n')
     assert read_reference_file(jsonl) == {"a.jpg": ["a dog", "the dog"], "b.jpg": ["a cat"]}
