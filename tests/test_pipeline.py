@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from icsd import pipeline
-from icsd.chat_server import ChatServer, echo_responder
+from icsd.testing.chat_server import ChatServer, echo_responder
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_whole_chain_then_skip_then_partial_rerun(tmp_path: Path, server: ChatSe
     run_dir = tmp_path / "qs"
     lines: list[str] = []
     first = pipeline.run(cfg, run_dir, echo=lines.append)
-    assert first.ran == [s for s in pipeline.ORDER if s != "score"], lines
+    assert first.ran == [s for s in pipeline.order() if s != "score"], lines
     root = first.run.root
     for rel in ("captions.parquet", "candidates.parquet", "selections.parquet", "pairs.parquet", "report.html"):
         assert (root / rel).is_file(), rel

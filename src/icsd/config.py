@@ -6,6 +6,7 @@ holds one of each. Unknown keys, wrong types and impossible values are rejected 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,67 +29,119 @@ class StageConfig(BaseModel):
 
 
 class IngestConfig(StageConfig):
-    corpus: str | None = None
-    format: Literal["auto", "coco", "karpathy", "flickr-token", "txt", "jsonl", "csv", "parquet"] = "auto"
-    field: str = "caption"
-    id_field: str | None = None
-    image_field: str | None = None
-    splits: list[str] = Field(default_factory=lambda: ["train", "restval"])
-    limit: int | None = Field(default=None, ge=1)
+    corpus: str | None = Field(default=None, description="Caption corpus file.")
+    format: Literal["auto", "coco", "karpathy", "flickr-token", "txt", "jsonl", "csv", "parquet"] = Field(
+        default="auto",
+        description="Corpus format: auto|coco|karpathy|flickr-token|txt|jsonl|csv|parquet.",
+        json_schema_extra={"cli_flags": ["--format", "-f"]},
+    )
+    field: str = Field(default="caption", description="Caption column/key for jsonl, csv and parquet.")
+    id_field: str | None = Field(default=None, description="Id column/key (default: row number).")
+    image_field: str | None = Field(default=None, description="Image id column/key, when the corpus has one.")
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "restval"], description="Karpathy splits to keep, comma-separated."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Keep only the first N captions.")
 
 
 class EmbedConfig(StageConfig):
-    model: str = DEFAULT_EMBED_MODEL
-    kind: Literal["auto", "sentence-transformers", "clip"] = "auto"
-    batch_size: int = Field(default=256, ge=1)
-    device: str = "auto"
-    part_size: int = Field(default=20_000, ge=1)
-    executor: Literal["inline", "process", "ray"] = "inline"
-    workers: int = Field(default=1, ge=1)
-    address: str | None = None
+    model: str = Field(
+        default=DEFAULT_EMBED_MODEL,
+        description="sentence-transformers or CLIP model id or path (default: packaged all-MiniLM-L6-v2).",
+    )
+    kind: str = Field(
+        default="auto", description="Encoder family: auto|sentence-transformers|clip (any registered embedder)."
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from .backends.registry import EMBEDDERS, known
+
+        return known(EMBEDDERS, v, "auto")
+    batch_size: int = Field(default=256, ge=1, description="Captions per forward pass.")
+    device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N.")
+    part_size: int = Field(default=20_000, ge=1, description="Captions per output part (unit of resume).")
+    executor: Literal["inline", "process", "ray"] = Field(default="inline", description="inline|process|ray.")
+    workers: int = Field(default=1, ge=1, description="Worker processes or Ray actors.")
+    address: str | None = Field(default=None, description="Ray address (auto or ray://host:port).")
 
 
 class GroupConfig(StageConfig):
-    k: int = Field(default=30, ge=1)
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
-    block_size: int = Field(default=8192, ge=1)
-    nlist: int | None = Field(default=None, ge=1)
-    nprobe: int = Field(default=32, ge=1)
-    hnsw_m: int = Field(default=32, ge=2)
-    ef_construction: int = Field(default=80, ge=1)
-    ef_search: int = Field(default=128, ge=1)
-    threads: int | None = Field(default=None, ge=1)
-    recall_sample: int = Field(default=0, ge=0)
+    k: int = Field(default=30, ge=1, description="Candidate-set size, the head included.")
+    index: Literal["flat", "ivf", "hnsw"] = Field(default="flat", description="flat (exact) | ivf | hnsw.")
+    block_size: int = Field(default=8192, ge=1, description="Queries per search block.")
+    nlist: int | None = Field(default=None, ge=1, description="IVF lists (default: about 4 x sqrt(N)).")
+    nprobe: int = Field(default=32, ge=1, description="IVF lists probed per query.")
+    hnsw_m: int = Field(default=32, ge=2, description="HNSW links per node.")
+    ef_construction: int = Field(default=80, ge=1, description="HNSW build breadth.")
+    ef_search: int = Field(default=128, ge=1, description="HNSW search breadth.")
+    threads: int | None = Field(default=None, ge=1, description="faiss threads (default: all cores).")
+    recall_sample: int = Field(
+        default=0,
+        ge=0,
+        description="Measure recall@K of ivf/hnsw against exact search on N queries (0 = off).",
+    )
 
 
 class SummarizeConfig(StageConfig):
-    backend: Literal["openai", "vllm", "transformers"] = "transformers"
-    model: str = DEFAULT_LLM_MODEL
-    gguf_file: str | None = None
-    base_url: list[str] = Field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
-    prompt: str | None = None
-    mode: Literal["select", "first-n"] = "select"
-    n: int = Field(default=5, ge=1)
-    min_select: int = Field(default=5, ge=1)
-    max_select: int = Field(default=10, ge=1)
-    max_words: int = Field(default=50, ge=1)
-    max_new_tokens: int = Field(default=500, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
-    concurrency: int = Field(default=64, ge=1)
-    timeout: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=6, ge=0)
-    retry_backoff: float = Field(default=1.0, gt=0)
-    client: Literal["openai", "aiohttp"] = "openai"
-    batch_size: int = Field(default=8, ge=1)
-    part_size: int = Field(default=1000, ge=1)
-    limit: int | None = Field(default=None, ge=1)
-    sample: int | None = Field(default=None, ge=1)
-    seed: int = 0
-    retry: bool = False
-    device: str = "auto"
-    executor: Literal["inline", "process", "ray"] = "inline"
-    address: str | None = None
+    backend: str = Field(
+        default="transformers", description="LLM backend: openai | vllm | transformers (any registered one)."
+    )
+    model: str = Field(
+        default=DEFAULT_LLM_MODEL,
+        description="Model id, path or .gguf file; for openai the server's model name (default: SmolLM2-135M-Instruct, packaged GGUF for transformers).",
+    )
+    gguf_file: str | None = Field(
+        default=None, description="GGUF file name inside the model's folder or repo."
+    )
+    base_url: list[str] = Field(
+        default_factory=list,
+        description="OpenAI-compatible server URL; repeat or comma-separate for round-robin.",
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    prompt: str | None = Field(default=None, description="Jinja2 prompt template file (default: bundled).")
+    mode: Literal["select", "first-n"] = Field(
+        default="select", description="select (choose 5-10 and summarise) | first-n (condense the first N)."
+    )
+    n: int = Field(default=5, ge=1, description="Captions condensed in first-n mode.")
+    min_select: int = Field(default=5, ge=1, description="Fewest captions a valid answer selects.")
+    max_select: int = Field(default=10, ge=1, description="Most captions a valid answer selects.")
+    max_words: int = Field(default=50, ge=1, description="Word limit of the summary.")
+    max_new_tokens: int = Field(default=500, ge=1, description="Longest answer in tokens.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature (0 = greedy).")
+    concurrency: int = Field(default=64, ge=1, description="Requests in flight (openai).")
+    timeout: float = Field(default=120.0, gt=0, description="Seconds per request before it is retried.")
+    max_retries: int = Field(default=6, ge=0, description="Retries per request on 429/5xx/timeouts.")
+    retry_backoff: float = Field(
+        default=1.0, gt=0, description="Seconds before the first retry (doubles each time)."
+    )
+    client: Literal["openai", "aiohttp"] = Field(
+        default="openai",
+        description="HTTP client of the openai backend: openai (official SDK) | aiohttp (lean).",
+    )
+    response_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        default="auto",
+        description="How the openai backend asks for JSON: auto (probe each server once, stepping down "
+        "json_schema > json_object > text, and remember) | json_schema | json_object | text.",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate() call (transformers).")
+    part_size: int = Field(default=1000, ge=1, description="Groups per output part (unit of resume).")
+    limit: int | None = Field(default=None, ge=1, description="Only the first N groups.")
+    sample: int | None = Field(default=None, ge=1, description="A random sample of N groups (see --seed).")
+    seed: int = Field(default=0, description="Seed of --sample.")
+    retry: bool = Field(
+        default=False,
+        description="Also redo groups whose record is not ok (this invocation only).",
+        json_schema_extra={"transient": True},
+    )
+    device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N (transformers, process workers).")
+    executor: Literal["inline", "process", "ray"] = Field(
+        default="inline", description="inline|process|ray (local backends)."
+    )
+    address: str | None = Field(default=None, description="Ray address (auto or ray://host:port).")
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -97,44 +150,108 @@ class SummarizeConfig(StageConfig):
             return [u.strip() for u in v.split(",") if u.strip()]
         return v
 
+    @field_validator("backend")
+    @classmethod
+    def _known_llm_backend(cls, v: str) -> str:
+        from .llm.registry import LLM_BACKENDS
+        from .registry import closest
+
+        if v not in LLM_BACKENDS:
+            names = LLM_BACKENDS.names()
+            raise ValueError(f"unknown LLM backend {v!r}{closest(v, names)}; known: {', '.join(names)}")
+        return v
+
 
 class RenderConfig(StageConfig):
-    model: str = DEFAULT_RENDER_MODEL
-    prompts: Literal["summaries", "captions"] = "summaries"
-    scheduler: str = "dpm++"
-    steps: int = Field(default=20, ge=1)
-    guidance: float = Field(default=7.5, ge=0.0)
-    size: int = Field(default=512, ge=8)
-    negative_prompt: str | None = None
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    batch_size: int = Field(default=16, ge=1)
-    shard_size: int = Field(default=1000, ge=1)
-    seed: int = 0
-    limit: int | None = Field(default=None, ge=1)
-    sample: int | None = Field(default=None, ge=1)
-    image_format: Literal["jpg", "webp"] = "jpg"
-    quality: int = Field(default=95, ge=1, le=100)
-    safety_checker: bool = True
-    devices: str = "auto"
-    compile: bool = False
-    compile_mode: str = "default"
-    channels_last: bool = False
-    fuse_qkv: bool = False
-    executor: Literal["inline", "process", "ray"] = "inline"
-    address: str | None = None
-    tiny_random: bool = False
+    model: str = Field(
+        default=DEFAULT_RENDER_MODEL, description="diffusers text-to-image pipeline: hub id or local folder."
+    )
+    backend: str = Field(
+        default="diffusers",
+        description="Text-to-image backend: diffusers | tiny-random (any registered one; --tiny-random implies tiny-random).",
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from .backends.registry import T2I_BACKENDS, known
+
+        return known(T2I_BACKENDS, v)
+    prompts: Literal["summaries", "captions"] = Field(
+        default="summaries",
+        description="summaries (ok rows of selections.parquet) | captions (one image per caption).",
+    )
+    scheduler: str = Field(
+        default="dpm++",
+        description="dpm++ | dpm++-karras | dpm | unipc | ddim | pndm | euler | euler-a | heun | lms | default.",
+    )
+    steps: int = Field(default=20, ge=1, description="Denoising steps.")
+    guidance: float = Field(default=7.5, ge=0.0, description="Classifier-free guidance scale.")
+    size: int = Field(default=512, ge=8, description="Image width and height in pixels, a multiple of 8.")
+    negative_prompt: str | None = Field(default=None, description="Negative prompt for every image.")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        default="auto", description="auto (fp16 on cuda, fp32 on cpu) | fp16 | bf16 | fp32."
+    )
+    batch_size: int = Field(default=16, ge=1, description="Images per pipeline call.")
+    shard_size: int = Field(
+        default=1000, ge=1, description="Images per webdataset shard, the unit of resume."
+    )
+    seed: int = Field(
+        default=0, description="Global seed; each image's seed derives from it and the item id."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Only the first N items (sorted by id).")
+    sample: int | None = Field(default=None, ge=1, description="A seeded random sample of N items.")
+    image_format: Literal["jpg", "webp"] = Field(
+        default="jpg",
+        description="Image format in the shards: jpg | webp.",
+        json_schema_extra={"cli_flags": ["--format"]},
+    )
+    quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality 1-100.")
+    safety_checker: bool = Field(
+        default=True, description="Run the pipeline's safety checker (off: nsfw recorded as null)."
+    )
+    devices: str = Field(
+        default="auto",
+        description="auto | all | cpu | GPU ids 0,1,...: one worker per GPU.",
+        json_schema_extra={"cli_flags": ["--devices", "--device"]},
+    )
+    workers: int | None = Field(
+        default=None, ge=1, description="Render workers (processes or Ray actors); default: one per device."
+    )
+    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (GPU).")
+    compile_mode: str = Field(
+        default="default", description="torch.compile mode: default | reduce-overhead | max-autotune | ..."
+    )
+    channels_last: bool = Field(default=False, description="channels_last memory format (GPU).")
+    fuse_qkv: bool = Field(default=False, description="Fuse attention QKV projections.")
+    executor: Literal["inline", "process", "ray"] = Field(
+        default="inline", description="inline|process|ray (process is implied by several devices)."
+    )
+    address: str | None = Field(default=None, description="Ray address (auto or ray://host:port).")
+    tiny_random: bool = Field(
+        default=False, description="Build and use a tiny untrained pipeline in RUN/cache (offline demo)."
+    )
 
 
 class ScoreConfig(StageConfig):
-    model: str | None = None
-    batch_size: int = Field(default=64, ge=1)
-    device: str = "auto"
+    model: str | None = Field(default=None, description="CLIP model id or path.")
+    batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
+    device: str = Field(default="auto", description="auto|cpu|cuda.")
 
 
 class PairsConfig(StageConfig):
-    kinds: list[Literal["selected", "summary", "uni"]] = Field(default_factory=lambda: ["selected"])  # type: ignore[arg-type]
-    include_nsfw: bool = False
-    min_clip_score: float | None = None
+    kinds: list[Literal["selected", "summary", "uni"]] = Field(
+        default_factory=lambda: ["selected"],
+        description="Pair kinds, comma-separated: selected, summary, uni.",
+    )  # type: ignore[arg-type]
+    include_nsfw: bool = Field(
+        default=False,
+        description="Keep images flagged NSFW.",
+        json_schema_extra={"cli_flags": ["--include-nsfw/--exclude-nsfw"]},
+    )
+    min_clip_score: float | None = Field(
+        default=None, description="Drop pairs whose CLIP score in RUN/scores.parquet is below this."
+    )
 
     @field_validator("kinds", mode="before")
     @classmethod
@@ -145,66 +262,131 @@ class PairsConfig(StageConfig):
 
 
 class TrainConfig(StageConfig):
-    preset: Literal["icsd", "prefix", "tiny"] = "icsd"
+    preset: str = Field(
+        default="icsd",
+        description="Captioner family: icsd (paper: CLIP + BERT decoder) | prefix | tiny (any registered one).",
+    )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from .backends.registry import CAPTIONERS, known
+
+        return known(CAPTIONERS, v)
     # None = the preset's default (icsd: CLIP ViT-B/32 at 384 + bert-base-uncased, lr 1e-5;
     # prefix: CLIP ViT-B/32 at 224 + gpt2, lr 2e-5; tiny: random shapes at 64 px, lr 1e-3)
-    vision_model: str | None = None
-    text_model: str | None = None
-    image_size: int | None = Field(default=None, ge=8)
-    prompt: str = "a picture of "
-    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
-    lr: float | None = Field(default=None, gt=0)
-    dropout: float | None = Field(default=None, ge=0, lt=1)
-    max_tokens: int = Field(default=40, ge=4)
-    augment: bool | None = None
-    crop_scale_min: float = Field(default=0.5, gt=0, le=1)
-    precompute_features: bool = True
-    shuffle_buffer: int = Field(default=1000, ge=1)
-    data_streams: int | None = Field(default=None, ge=1)
-    val_max_images: int = Field(default=500, ge=1)
-    log_every: int = Field(default=10, ge=1)
-    restart: bool = False
-    weight_decay: float = Field(default=0.05, ge=0)
-    warmup_steps: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=64, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    epochs: int = Field(default=30, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    eval_every: int = Field(default=1000, ge=1)
-    save_every: int = Field(default=1000, ge=1)
-    val_images: str | None = None
-    val_captions: str | None = None
-    val_fraction: float = Field(default=0.02, ge=0, lt=1)
-    num_workers: int = Field(default=2, ge=0)
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True
-    compile: bool = False
-    beams: int = Field(default=3, ge=1)
-    min_new_tokens: int = Field(default=5, ge=0)
-    max_new_tokens: int = Field(default=30, ge=1)
-    tensorboard: bool = False
+    vision_model: str | None = Field(default=None, description="CLIP id or path (default per preset).")
+    text_model: str | None = Field(
+        default=None, description="BERT (icsd) or causal LM (prefix) id or path (default per preset)."
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=8,
+        description="Input size (default per preset; icsd: 384, position embeddings interpolated).",
+    )
+    prompt: str = Field(default="a picture of ", description="Text the decoder starts from.")
+    label_smoothing: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Label smoothing of the token loss."
+    )
+    lr: float | None = Field(
+        default=None, gt=0, description="Peak learning rate (default per preset; icsd 1e-5)."
+    )
+    dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="Decoder dropout (default per preset)."
+    )
+    max_tokens: int = Field(
+        default=40, ge=4, description="Longest training caption in tokens, the prompt included."
+    )
+    augment: bool | None = Field(
+        default=None, description="RandomResizedCrop + flip (default: on, off for prefix)."
+    )
+    crop_scale_min: float = Field(
+        default=0.5, gt=0, le=1, description="Smallest crop area of RandomResizedCrop."
+    )
+    precompute_features: bool = Field(
+        default=True, description="Precompute frozen image features once when augmentation is off."
+    )
+    shuffle_buffer: int = Field(default=1000, ge=1, description="Pairs in each stream's shuffle buffer.")
+    data_streams: int | None = Field(
+        default=None,
+        ge=1,
+        description="Global data streams (keep fixed across GPU counts for the same batches).",
+    )
+    val_max_images: int = Field(default=500, ge=1, description="Validation images used at most.")
+    log_every: int = Field(default=10, ge=1, description="Append to metrics.jsonl every N steps.")
+    restart: bool = Field(
+        default=False,
+        description="Discard RUN/train/last and start over (this invocation only).",
+        json_schema_extra={"transient": True},
+    )
+    weight_decay: float = Field(default=0.05, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps before the cosine decay.")
+    batch_size: int = Field(default=64, ge=1, description="Pairs per step per process.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    epochs: int = Field(default=30, ge=1, description="Passes over the training pairs.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps (default: epochs over the pairs)."
+    )
+    eval_every: int = Field(default=1000, ge=1, description="Validate (and keep the best) every N steps.")
+    save_every: int = Field(default=1000, ge=1, description="Write the resumable checkpoint every N steps.")
+    val_images: str | None = Field(
+        default=None, description="Validation image folder (never the test split)."
+    )
+    val_captions: str | None = Field(
+        default=None, description="Its captions: COCO JSON, Karpathy JSON (split val) or JSON lines."
+    )
+    val_fraction: float = Field(
+        default=0.02, ge=0, lt=1, description="Without val_images: share of synthetic images held out."
+    )
+    num_workers: int = Field(default=2, ge=0, description="Data-loading processes per rank.")
+    seed: int = Field(default=0, description="Seed of model init, data order and augmentation.")
+    device: str = Field(default="auto", description="auto|cpu|cuda.")
+    bf16: bool = Field(default=True, description="bf16 autocast on GPU.")
+    compile: bool = Field(default=False, description="torch.compile the model.")
+    beams: int = Field(default=3, ge=1, description="Beam width of validation decoding.")
+    min_new_tokens: int = Field(default=5, ge=0, description="Shortest validation caption in tokens.")
+    max_new_tokens: int = Field(default=30, ge=1, description="Longest validation caption in tokens.")
+    tensorboard: bool = Field(default=False, description="Also log to RUN/train/tensorboard.")
 
 
 class EvaluateConfig(StageConfig):
-    benchmark: str | None = None
-    annotations: str | None = None
-    images: str | None = None
-    split: str = "test"
-    model: str | None = None
-    predictions: str | None = None
-    metrics: list[str] = Field(
-        default_factory=lambda: ["BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+    benchmark: str | None = Field(
+        default=None, description="Benchmark name (checks the file; names the output folder)."
     )
-    spice_jars: str | None = None
-    batch_size: int = Field(default=32, ge=1)
-    beams: int = Field(default=3, ge=1)
-    min_new_tokens: int = Field(default=5, ge=0)
-    max_new_tokens: int = Field(default=30, ge=1)
-    device: str = "auto"
-    subset: bool = False
-    limit: int | None = Field(default=None, ge=1)
+    annotations: str | None = Field(
+        default=None,
+        description="Reference captions: COCO captions JSON, Karpathy split JSON or NoCaps val JSON.",
+        json_schema_extra={"cli_flags": ["--references", "--annotations"]},
+    )
+    images: str | None = Field(default=None, description="Folder of the benchmark's images (with --model).")
+    split: str = Field(default="test", description="Karpathy split to score.")
+    model: str | None = Field(
+        default=None,
+        description="Captioner checkpoint folder: caption the images here.",
+        json_schema_extra={"transient": True},
+    )
+    predictions: str | None = Field(
+        default=None,
+        description="COCO results JSON: [{image_id, caption}, ...].",
+        json_schema_extra={"transient": True},
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"],
+        description="Comma-separated: BLEU,METEOR,ROUGE_L,CIDEr,SPICE.",
+    )
+    spice_jars: str | None = Field(
+        default=None, description="Folder with the Stanford CoreNLP 3.6.0 jars (else $ICSD_SPICE_JARS)."
+    )
+    batch_size: int = Field(default=32, ge=1, description="Images per captioning batch.")
+    beams: int = Field(default=3, ge=1, description="Beam width.")
+    min_new_tokens: int = Field(default=5, ge=0, description="Shortest caption in tokens.")
+    max_new_tokens: int = Field(default=30, ge=1, description="Longest caption in tokens.")
+    device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N.")
+    subset: bool = Field(default=False, description="Score only the predicted images.")
+    limit: int | None = Field(
+        default=None, ge=1, description="With --model: caption only the first N images."
+    )
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -215,12 +397,12 @@ class EvaluateConfig(StageConfig):
 
 
 class ReportConfig(StageConfig):
-    sample_groups: int = Field(default=24, ge=0)
+    sample_groups: int = Field(default=24, ge=0, description="Groups shown with their images.")
 
 
 class PipelineConfig(StageConfig):
-    name: str = "run"
-    run_dir: str | None = None
+    name: str = Field(default="run", description="Run name (the run directory defaults to runs/<name>).")
+    run_dir: str | None = Field(default=None, description="Run directory.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     group: GroupConfig = Field(default_factory=GroupConfig)
@@ -247,21 +429,55 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 }
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    """One line naming every bad key and why."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return f"invalid {source}: " + "; ".join(parts)
+DEFAULT_SOURCE = "default"
+COMMAND_LINE = "the command line"
+PKG_PREFIX = "pkg:"
+TOP_LEVEL = ("name", "run_dir")
 
 
-def build(model: type[StageConfig], data: dict[str, Any], source: str = "config") -> Any:
-    """Validate ``data`` into ``model``; errors become one-line :class:`UserError`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc, source)) from None
+def package_file(relative: str) -> Path:
+    """A file shipped inside the icsd package (vendored sample data, bundled configs)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("icsd").joinpath(relative)))
+    if not path.exists():
+        raise UserError(f"packaged file missing: {relative} (reinstall icsd)")
+    return path
+
+
+def quickstart_config_path() -> Path:
+    return package_file("configs/quickstart.yaml")
+
+
+def resolve_package_paths(data: Any) -> Any:
+    """Replace every ``pkg:relative/path`` string in a config by the file's installed path."""
+    if isinstance(data, dict):
+        return {k: resolve_package_paths(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_package_paths(v) for v in data]
+    if isinstance(data, str) and data.startswith(PKG_PREFIX):
+        return str(package_file(data[len(PKG_PREFIX) :]))
+    return data
+
+
+def field_extra(model: type[BaseModel], name: str) -> dict[str, Any]:
+    extra = model.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def is_transient(stage: str, key: str) -> bool:
+    """A setting that holds for one invocation only (``train.restart``, ``summarize.retry``, ...):
+    it is never read back from ``RUN/config.yaml`` and does not count in a stage's fingerprint."""
+    model = STAGE_CONFIGS.get(stage)
+    return bool(model and key in model.model_fields and field_extra(model, key).get("transient"))
+
+
+def lasting(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the transient keys of ``stage``."""
+    return {k: v for k, v in settings.items() if not is_transient(stage, k)}
+
+
+# ----------------------------------------------------------------------------- reading layers
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -284,17 +500,6 @@ def drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def stage_config(stage: str, file: str | Path | None, overrides: dict[str, Any]) -> Any:
-    """A stage's config from an optional YAML file (either the stage's own mapping or a whole
-    pipeline config, from which that stage's block is taken) with CLI overrides on top."""
-    data: dict[str, Any] = {}
-    if file is not None:
-        loaded = read_yaml(file)
-        data = dict(loaded.get(stage, {}) if stage in loaded or set(loaded) & set(STAGE_CONFIGS) else loaded)
-    data.update(drop_none(overrides))
-    return build(STAGE_CONFIGS[stage], data, source=f"{stage} config")
-
-
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """``set_dotted(d, "render.model", "x")`` sets ``d["render"]["model"] = "x"``."""
     keys = dotted.split(".")
@@ -314,25 +519,205 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_with_base(file: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file; ``base: other.yaml`` (relative to the file) is read first and overlaid."""
-    path = Path(file).resolve()
+def leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"render": {"steps": 4}}`` -> ``{"render.steps": 4}`` (one level of sections)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if not prefix and k in STAGE_CONFIGS and isinstance(v, dict):
+            out.update(leaves(v, f"{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass
+class Layer:
+    """One source of settings: a pipeline-shaped mapping and where it came from."""
+
+    source: str
+    data: dict[str, Any]
+
+
+def file_layers(file: str | Path, stage: str | None = None, seen: tuple[Path, ...] = ()) -> list[Layer]:
+    """A config file as layers, its ``base:`` chain first (``base`` is relative to the file).
+
+    A file that holds one stage's block (no stage names at the top) is that stage's settings."""
+    path = Path(file).expanduser().resolve()
     if path in seen:
         raise UserError(f"config 'base' chain loops back to {path}")
     data = read_yaml(path)
     base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise UserError(f"{path}: 'base' must be a file name")
-    return deep_merge(read_with_base(path.parent / base, (*seen, path)), data)
+    if stage is not None and data and not (set(data) & (set(STAGE_CONFIGS) | set(TOP_LEVEL))):
+        data = {stage: data}
+    layers: list[Layer] = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: 'base' must be a file name")
+        layers = file_layers(path.parent / base, stage, (*seen, path))
+    return [*layers, Layer(display_path(path), data)]
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def run_layer(run_dir: str | Path | None) -> Layer | None:
+    """What a run was made with: ``RUN/config.yaml`` without its one-invocation settings."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir).expanduser() / "config.yaml"
+    if not path.is_file():
+        return None
+    data = read_yaml(path)
+    kept: dict[str, Any] = {}
+    for stage, block in data.items():
+        if stage in STAGE_CONFIGS and isinstance(block, dict):
+            model = STAGE_CONFIGS[stage]
+            kept[stage] = {k: v for k, v in lasting(stage, block).items() if k in model.model_fields}
+    return Layer(display_path(path.resolve()), kept)
+
+
+def override_layer(overrides: dict[str, Any] | None, source: str = COMMAND_LINE) -> Layer:
+    """Dotted overrides (``{"render.model": "x"}``); string values are read as YAML scalars."""
+    data: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, yaml.safe_load(value) if isinstance(value, str) else value)
+    return Layer(source, data)
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def check_keys(layer: Layer) -> None:
+    """Every key of ``layer`` names a setting; else one line naming the source and the closest key."""
+    from .registry import closest
+
+    for key, value in layer.data.items():
+        if key in TOP_LEVEL:
+            continue
+        if key not in STAGE_CONFIGS:
+            known = [*STAGE_CONFIGS, *TOP_LEVEL]
+            raise UserError(f"unknown section {key!r} (from {layer.source}){closest(key, known)}; "
+                            f"sections: {', '.join(known)}")  # fmt: skip
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping of settings (from {layer.source})")
+        fields = list(STAGE_CONFIGS[key].model_fields)
+        for name in value:
+            if name not in fields:
+                hint = closest(str(name), fields) or f"; keys of {key}: {', '.join(fields)}"
+                raise UserError(f"unknown key {key}.{name} (from {layer.source}){hint}")
+
+
+@dataclass
+class Resolved:
+    """The resolved settings and, per dotted key, the source its value came from."""
+
+    config: PipelineConfig
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def origin(self, dotted: str) -> str:
+        return self.origins.get(dotted, DEFAULT_SOURCE)
+
+
+def format_validation_error(exc: ValidationError, origins: dict[str, str] | None = None) -> str:
+    """One line naming every bad key, why, and where its value came from."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"]]
+        key = ".".join(loc) or "(root)"
+        source = ""
+        if origins is not None:
+            for n in range(len(loc), 0, -1):
+                if ".".join(loc[:n]) in origins:
+                    source = f" (from {origins['.'.join(loc[:n])]})"
+                    break
+        parts.append(f"{key}: {err['msg']}{source}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def resolve_layers(layers: list[Layer]) -> Resolved:
+    """Merge ``layers`` in order (later wins) over the defaults and validate the result."""
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for layer in layers:
+        check_keys(layer)
+        merged = deep_merge(merged, layer.data)
+        origins.update({k: layer.source for k in leaves(layer.data)})
+    try:
+        cfg = PipelineConfig.model_validate(resolve_package_paths(merged))
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, origins)) from None
+    return Resolved(cfg, origins)
+
+
+def resolve(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    stage: str | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Resolved:
+    """The one resolver every command uses: defaults <- ``RUN/config.yaml`` (what the run was made
+    with) <- ``file`` with its ``base:`` chain <- dotted ``overrides`` (``--stage.key VALUE``) <-
+    the stage command's own ``flags`` (for ``stage``; ``None`` values are not given)."""
+    layers: list[Layer] = []
+    from_run = run_layer(run_dir)
+    if from_run is not None:
+        layers.append(from_run)
+    if file is not None:
+        layers += file_layers(file, stage)
+    layers.append(override_layer(overrides))
+    if stage is not None and flags:
+        layers.append(Layer(COMMAND_LINE, {stage: drop_none(flags)}))
+    return resolve_layers(layers)
+
+
+def stage_config(
+    stage: str, file: str | Path | None, overrides: dict[str, Any], run_dir: str | Path | None = None
+) -> Any:
+    """One stage's resolved settings (see :func:`resolve`); ``overrides`` are that stage's flags."""
+    return getattr(resolve(file, None, run_dir, stage=stage, flags=overrides).config, stage)
 
 
 def pipeline_config(file: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """The whole-chain config from YAML with dotted overrides (``{"render.model": "..."}``)."""
-    data = read_with_base(file) if file is not None else {}
-    for key, value in (overrides or {}).items():
-        set_dotted(data, key, yaml.safe_load(value) if isinstance(value, str) else value)
-    cfg = build(PipelineConfig, data, source=f"config {file}" if file else "config")
-    assert isinstance(cfg, PipelineConfig)
-    return cfg
+    return resolve(file, overrides).config
+
+
+def build(model: type[StageConfig], data: dict[str, Any], source: str = "config") -> Any:
+    """Validate ``data`` into ``model``; errors become one-line :class:`UserError`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc).replace("invalid settings", f"invalid {source}")) from None
+
+
+def to_yaml(resolved: Resolved, with_origin: bool = False) -> str:
+    """The resolved settings as YAML; with ``with_origin`` each value is followed by its source."""
+    data = resolved.config.model_dump(mode="json")
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+    if not with_origin:
+        return text
+    out = []
+    section = ""
+    for line in text.splitlines():
+        if not line.startswith(" ") and line.endswith(":"):
+            section = line[:-1]
+            out.append(line)
+            continue
+        stripped = line.strip()
+        indent = len(line) - len(stripped)
+        key = stripped.split(":", 1)[0]
+        if stripped.startswith("- ") or ":" not in stripped or (indent and indent != 2):
+            out.append(line)
+            continue
+        dotted = f"{section}.{key}" if indent else key
+        if indent == 0:
+            section = ""
+        out.append(f"{line}  # {resolved.origin(dotted)}")
+    return "\n".join(out) + "\n"

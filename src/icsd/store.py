@@ -28,18 +28,6 @@ import yaml
 from .errors import UserError
 from .records import ImageSample
 
-STAGES: tuple[str, ...] = (
-    "ingest",
-    "embed",
-    "group",
-    "summarize",
-    "render",
-    "score",
-    "pairs",
-    "train",
-    "evaluate",
-    "report",
-)
 
 _TRACKED_PACKAGES = (
     "icsd",
@@ -294,10 +282,15 @@ def iter_shard_samples(shard: Path, with_images: bool = True) -> Iterator[ImageS
                 if fh is not None:
                     grouped.setdefault(key, {})[ext] = fh.read()
         for key, parts in grouped.items():
-            meta = json.loads(parts.get("json", b"{}").decode("utf-8"))
             img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
-            yield ImageSample(key, shard.name, meta, parts.get(img_ext) if img_ext else None, img_ext)
-    except (tarfile.TarError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            try:
+                sample = ImageSample.from_json(
+                    key, shard.name, parts.get("json", b"{}"), parts.get(img_ext) if img_ext else None, img_ext
+                )
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"image shard is unreadable ({shard}): sample {key}: {exc}") from None
+            yield sample
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"image shard is unreadable ({shard}): {exc}") from None
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import StageConfig
 from ..store import RunDir, input_hashes, manifest_entry
+from . import stage_names
 
 
 @dataclass
@@ -27,6 +29,30 @@ class StageResult:
         return f"{self.stage}: {counts} in {self.seconds:.1f}s{where}"
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything the rest of icsd knows about a stage, declared once in the stage's module.
+
+    ``inputs(cfg, run)`` are the files whose hashes decide whether ``icsd run`` must rerun it (and
+    that its manifest entry records); ``outputs(run)`` are what it writes: ``icsd run`` skips the
+    stage only while all of them exist, and ``--force`` removes them first. ``prepare(cfg, run,
+    changed)`` fills in what only the chain knows (a fresh start for training whose inputs changed,
+    the checkpoint to evaluate). ``summary`` and ``examples`` are the command's ``--help``;
+    ``arguments`` names config fields taken as positional arguments (``icsd ingest CORPUS``).
+    """
+
+    name: str
+    config: type[StageConfig]
+    run: Callable[[Any, RunDir], StageResult]
+    inputs: Callable[[Any, RunDir], list[Path]]
+    outputs: Callable[[RunDir], list[Path]]
+    summary: str
+    examples: tuple[str, ...] = ()
+    prepare: Callable[[Any, RunDir, bool], Any] | None = None
+    arguments: tuple[str, ...] = ()
+    always_rerun: bool = False
+
+
 class Timer:
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -41,7 +67,7 @@ def finish_stage(
     stage: str,
     cfg: StageConfig,
     *,
-    inputs: list[Path],
+    inputs: list[Path] | None = None,
     counts: dict[str, Any],
     seconds: float,
     output: Path | None,
@@ -49,14 +75,20 @@ def finish_stage(
     extra: dict[str, Any] | None = None,
     notes: list[str] | None = None,
 ) -> StageResult:
-    """Save the stage's resolved config and its manifest entry; return its result."""
+    """Save the stage's resolved config and its manifest entry; return its result.
+
+    The recorded inputs are the stage spec's (``inputs`` only for a stage without a spec)."""
+    from . import stage_spec
+
+    if stage in stage_names():
+        inputs = stage_spec(stage).inputs(cfg, run)
     resolved = cfg.resolved()
     run.save_stage_config(stage, resolved)
     run.update_manifest(
         stage,
         manifest_entry(
             config=resolved,
-            inputs=input_hashes(*inputs),
+            inputs=input_hashes(*(inputs or [])),
             counts=counts,
             seconds=seconds,
             models=models,

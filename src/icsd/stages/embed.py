@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..executor import Progress, ShardTask, Worker, device_for_worker, run_tasks
 from ..records import embeddings_table
 from ..store import RunDir, mark_done, read_parquet, remove_stale_parts, write_parquet
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,17 @@ def run(cfg: EmbedConfig, run: RunDir) -> StageResult:
         models={"embedder": {k: v for k, v in model_info.items() if k not in ("part", "rows") and k[0] != "_"}},
     )
 
+
+SPEC = StageSpec(
+    name="embed",
+    config=EmbedConfig,
+    run=run,
+    inputs=lambda cfg, run: [run.captions],
+    outputs=lambda run: [run.embeddings],
+    summary="Embed every caption (L2-normalised float32) into RUN/embeddings/ parts.",
+    examples=(
+        "icsd embed --run runs/coco",
+        "icsd embed --run runs/coco --model openai/clip-vit-base-patch16 --device cuda --batch-size 1024",
+        "icsd embed -c configs/icsd_coco.yaml -r runs/coco --embed.batch_size 512",
+    ),
+)

@@ -9,18 +9,28 @@ benchmark's images here (``--model`` + ``--images``). Scores are pycocoevalcap's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..benchmarks import References, count_note, load_predictions, load_references, predictions_json
+from ..caption import skipped_note
 from ..config import EvaluateConfig
 from ..errors import UserError
+from ..eval_sets import count_note, load_references
+from ..formats import References, load_predictions, predictions_json
 from ..images import to_rgb
-from ..metrics import SCORE_KEYS, CaptionScores, Evaluation, parse_metrics, score_captions, shared_meteor
+from ..metrics import (
+    SCALE_LABEL,
+    SCORE_KEYS,
+    CaptionScores,
+    Evaluation,
+    format_score,
+    parse_metrics,
+    score_captions,
+    shared_meteor,
+)
 from ..store import RunDir, atomic_write_json, package_versions, sha256_file
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Bleu_1", "BLEU-1"),
@@ -43,6 +53,7 @@ class EvalOutcome:
     evaluation: Evaluation
     scores: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def table(self) -> str:
@@ -103,15 +114,20 @@ def resolve_images(refs: References, images: Path, limit: int | None) -> list[tu
     return paths
 
 
-def _batches(items: list[tuple[str, Path]], size: int) -> Iterator[list[tuple[str, Path]]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def open_image(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
 
 
-def caption_images(cfg: EvaluateConfig, refs: References) -> dict[str, str]:
-    """Caption the benchmark's images with the checkpoint, in batches, with a progress bar."""
-    from PIL import Image, UnidentifiedImageError
+def caption_images(cfg: EvaluateConfig, refs: References) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Caption the benchmark's images with the checkpoint, in batches, with a progress bar:
+    ``({key: caption}, [(file name, reason) of each image that could not be read]``."""
     from tqdm import tqdm
+
+    from ..caption import caption_batched
 
     assert cfg.model is not None and cfg.images is not None
     todo = resolve_images(refs, Path(cfg.images).expanduser(), cfg.limit)
@@ -120,27 +136,23 @@ def caption_images(cfg: EvaluateConfig, refs: References) -> dict[str, str]:
     except ImportError as exc:
         raise UserError(f"--model needs the captioner backend (icsd.backends.captioners): {exc}") from None
     captioner = load_captioner(cfg.model, device=cfg.device)
-    out: dict[str, str] = {}
     with tqdm(total=len(todo), desc=f"caption {refs.name}", unit="img") as bar:
-        for batch in _batches(todo, cfg.batch_size):
-            pics = []
-            for _, path in batch:
-                try:
-                    with Image.open(path) as im:
-                        pics.append(to_rgb(im))
-                except (OSError, UnidentifiedImageError) as exc:
-                    raise UserError(f"cannot read image {path}: {exc}") from None
-            texts = captioner.caption(
-                pics,
-                beams=cfg.beams,
-                min_new_tokens=cfg.min_new_tokens,
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size,
-            )
-            for (key, _), text in zip(batch, texts, strict=True):
-                out[key] = text
-            bar.update(len(batch))
-    return out
+        done = caption_batched(
+            captioner,
+            todo,
+            lambda item: open_image(item[1]),
+            beams=cfg.beams,
+            min_new_tokens=cfg.min_new_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            progress=bar.update,
+        )
+    skipped = [(path.name, reason) for (_, path), reason in done.skipped]
+    if not done.captions:
+        raise UserError(
+            f"none of the {len(todo)} images of {refs.name} could be read (e.g. {skipped[0][0]}: {skipped[0][1]})"
+        )
+    return {key: text for (key, _), text in done.captions}, skipped
 
 
 def read_predictions(path: str) -> dict[str, str]:
@@ -155,9 +167,14 @@ def scores_block(scores: CaptionScores) -> dict[str, Any]:
 
 
 def scores_document(
-    cfg: EvaluateConfig, refs: References, ev: Evaluation, captions: dict[str, str]
+    cfg: EvaluateConfig,
+    refs: References,
+    ev: Evaluation,
+    captions: dict[str, str],
+    unreadable: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """scores.json: every metric at the top level (0-1 scale), NoCaps domains, and how they were made."""
+    """scores.json: every metric at the top level (0-1 scale), NoCaps domains, and how they were made.
+    ``unreadable``: the images that could not be read (not captioned, so not scored)."""
     doc: dict[str, Any] = {"benchmark": refs.name, **scores_block(ev.overall)}
     if ev.subsets:
         doc["domains"] = {
@@ -186,7 +203,12 @@ def scores_document(
                 if cfg.model
                 else None
             ),
-            "selection": {"predictions": len(captions), "subset": cfg.subset or cfg.limit is not None},
+            "selection": {
+                "predictions": len(captions),
+                "subset": cfg.subset or cfg.limit is not None or bool(unreadable),
+                "unreadable_images": len(unreadable or ()),
+                "unreadable_examples": [f"{name}: {why}" for name, why in (unreadable or [])[:10]],
+            },
             "seconds": {k: round(v, 3) for k, v in ev.seconds.items()},
             "java": ev.java,
             "versions": {
@@ -205,20 +227,25 @@ def evaluate(cfg: EvaluateConfig) -> EvalOutcome:
         shared_meteor()  # its JVM loads METEOR's paraphrase table while the files are read
     refs = load_references(cfg.annotations, benchmark=cfg.benchmark, split=cfg.split)
     notes = [n for n in (count_note(refs),) if n]
+    unreadable: list[tuple[str, str]] = []
     if cfg.predictions is not None:
         captions = read_predictions(cfg.predictions)
     else:
-        captions = caption_images(cfg, refs)
+        captions, unreadable = caption_images(cfg, refs)
+        note = skipped_note(len(unreadable), len(captions) + len(unreadable), unreadable, f"images of {refs.name}")
+        notes += [note] if note else []
     ev = score_captions(
         refs.captions(),
         captions,
         metrics=cfg.metrics,
         subsets=refs.domains() or None,
-        subset=cfg.subset or cfg.limit is not None,
+        subset=cfg.subset or cfg.limit is not None or bool(unreadable),
         spice_jars=cfg.spice_jars,
     )
-    doc = scores_document(cfg, refs, ev, captions)
-    return EvalOutcome(refs=refs, captions=captions, evaluation=ev, scores=doc, notes=notes + ev.notes)
+    doc = scores_document(cfg, refs, ev, captions, unreadable)
+    return EvalOutcome(
+        refs=refs, captions=captions, evaluation=ev, scores=doc, notes=notes + ev.notes, unreadable=unreadable
+    )
 
 
 def per_image_document(outcome: EvalOutcome) -> list[dict[str, Any]]:
@@ -234,15 +261,16 @@ def per_image_document(outcome: EvalOutcome) -> list[dict[str, Any]]:
 
 
 def markdown_table(name: str, ev: Evaluation) -> str:
-    """Scores x 100 (as papers print them), one row per domain for NoCaps."""
+    """Scores on pycocoevalcap's 0-1 scale (as in scores.json; the scale is named in the header),
+    one row per domain for NoCaps."""
     cols = [(k, label) for k, label in TABLE_COLUMNS if k in ev.overall.scores]
     rows = [(f"{name} {d}", s) for d, s in ev.subsets.items()]
     rows.append((f"{name} overall" if ev.subsets else name, ev.overall))
-    head = "| benchmark | images | " + " | ".join(label for _, label in cols) + " |"
+    head = f"| benchmark | images | {SCALE_LABEL}: " + " | ".join(label for _, label in cols) + " |"
     rule = "|---|---:|" + "---:|" * len(cols)
     lines = [head, rule]
     for label, s in rows:
-        cells = " | ".join(f"{100 * s.scores[k]:.2f}" for k, _ in cols)
+        cells = " | ".join(format_score(s.scores[k]) for k, _ in cols)
         lines.append(f"| {label} | {s.n_images} | {cells} |")
     return "\n".join(lines)
 
@@ -250,9 +278,11 @@ def markdown_table(name: str, ev: Evaluation) -> str:
 def _counts(outcome: EvalOutcome) -> dict[str, Any]:
     s = outcome.evaluation.overall.scores
     counts: dict[str, Any] = {"images": outcome.evaluation.overall.n_images}
+    if outcome.unreadable:
+        counts["unreadable"] = len(outcome.unreadable)
     for key in ("Bleu_4", "CIDEr", "SPICE"):
         if key in s:
-            counts[key] = round(100 * s[key], 2)
+            counts[key] = round(s[key], 4)
     return counts
 
 
@@ -323,3 +353,38 @@ def evaluate_to(cfg: EvaluateConfig, out: Path | None = None) -> EvalResult:
         table=outcome.table,
         scores=outcome.scores,
     )
+
+
+def _inputs(cfg: EvaluateConfig, run: RunDir) -> list[Path]:
+    return [Path(p).expanduser() for p in (cfg.annotations, cfg.images, cfg.predictions, cfg.model) if p]
+
+
+def _prepare(cfg: EvaluateConfig, run: RunDir, changed: bool) -> EvaluateConfig:
+    """Under ``icsd run``: evaluate the run's own best checkpoint unless a model or predictions are set."""
+    if cfg.model or cfg.predictions:
+        return cfg
+    best = run.train / "best"
+    return cfg.model_copy(update={"model": str(best if best.exists() else run.train / "last")})
+
+
+SPEC = StageSpec(
+    name="evaluate",
+    config=EvaluateConfig,
+    run=run,
+    inputs=_inputs,
+    outputs=lambda run: [run.root / "eval"],
+    prepare=_prepare,
+    summary="Score captions with BLEU, METEOR, ROUGE-L, CIDEr and SPICE exactly as pycocoevalcap does.",
+    examples=(
+        "icsd evaluate --predictions preds.json --references captions_val2017.json",
+        "icsd evaluate --predictions preds.json --references dataset_coco.json --split test --out scores.json",
+        "icsd evaluate --predictions preds.json --references nocaps_val_4500_captions.json --benchmark nocaps-val",
+        "icsd evaluate --model runs/coco/train/best --benchmark coco-karpathy-test "
+        "--annotations dataset_coco.json --images data/coco --run runs/coco",
+        "icsd evaluate --model runs/coco/train/best --benchmark flickr30k-karpathy-test "
+        "--annotations dataset_flickr30k.json --images data/flickr30k-images --run runs/coco",
+        "ICSD_SPICE_JARS=~/stanford-corenlp-full-2015-12-09 icsd evaluate --predictions p.json --references r.json",
+        "Benchmarks: coco-karpathy-test, coco-karpathy-val, flickr30k-karpathy-test, flickr30k-karpathy-val, "
+        "nocaps-val (scored per domain), coco-captions.",
+    ),
+)

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..knn import IndexSpec, candidate_sets, exact_topk, recall_at_k, set_threads
 from ..records import CANDIDATES_SCHEMA
 from ..store import RunDir, read_embeddings, read_parquet, write_parquet
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 
 def candidates_table(ids: list[str], member_idx: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> pa.Table:
@@ -87,3 +87,18 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
         seconds=timer.seconds,
         output=run.candidates,
     )
+
+
+SPEC = StageSpec(
+    name="group",
+    config=GroupConfig,
+    run=run,
+    inputs=lambda cfg, run: [run.captions, run.embeddings],
+    outputs=lambda run: [run.candidates],
+    summary="Form candidate sets: each caption's top-K neighbours by cosine, duplicates dropped.",
+    examples=(
+        "icsd group --run runs/coco --k 30",
+        "icsd group --run runs/big --index hnsw --recall-sample 2000",
+        "icsd group --run runs/big --index ivf --nlist 4096 --nprobe 64",
+    ),
+)

@@ -1,7 +1,7 @@
 """Stage 1, ingest: read a caption corpus into ``RUN/captions.parquet``.
 
-Readers: COCO caption annotations, Karpathy split JSON, Flickr token files, plain text, JSONL, CSV
-and Parquet. Every caption is whitespace-normalised; empty, over-long and duplicate-id records are
+Readers: COCO caption annotations, Karpathy split JSON and Flickr token files (read by
+:mod:`icsd.formats`, which fixes every image id), plain text, JSONL, CSV and Parquet. Every caption is whitespace-normalised; empty, over-long and duplicate-id records are
 dropped and counted by reason. Bad input is one :class:`UserError` naming the file and the record,
 and nothing is written.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
@@ -24,12 +23,19 @@ import pyarrow.parquet as pq
 
 from ..config import IngestConfig
 from ..errors import UserError
+from ..formats import (
+    FLICKR_TOKEN_LINE,
+    CaptionEntry,
+    coco_caption_entries,
+    flickr_caption_entries,
+    karpathy_caption_entries,
+    read_json_file,
+)
 from ..records import Caption, to_table
 from ..store import RunDir, write_parquet
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 MAX_CAPTION_CHARS = 2000
-_FLICKR_LINE = re.compile(r"^([^\t#]+)#(\d+)\t(.*)$")
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,7 @@ def _read_text(path: Path) -> str:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return read_json_file(path, "corpus")
 
 
 def detect_format(path: Path) -> str:
@@ -86,7 +89,7 @@ def detect_format(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(65536).decode("utf-8", errors="replace")
     first = next((ln for ln in head.splitlines() if ln.strip()), "")
-    if _FLICKR_LINE.match(first):
+    if FLICKR_TOKEN_LINE.match(first):
         return "flickr-token"
     if first.lstrip().startswith("{"):
         return "jsonl"
@@ -109,39 +112,17 @@ def _json_kind(data: Any, path: Path) -> str:
 # ----------------------------------------------------------------------------- readers
 
 
+def _entries(entries: Iterator[CaptionEntry]) -> Iterator[RawCaption]:
+    for e in entries:
+        yield RawCaption(e.caption_id, e.text, e.image_id, e.split, e.where)
+
+
 def read_coco(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
-    data = _load_json(path)
-    anns = data.get("annotations") if isinstance(data, dict) else None
-    if not isinstance(anns, list):
-        raise UserError(f"{path}: no 'annotations' list (COCO caption format expected)")
-    for i, ann in enumerate(anns):
-        where = f"{path}: annotations[{i}]"
-        if not isinstance(ann, dict) or "caption" not in ann:
-            raise UserError(f"{where}: missing field 'caption'")
-        ann_id = ann.get("id", i)
-        image_id = ann.get("image_id")
-        yield RawCaption(str(ann_id), ann["caption"], None if image_id is None else str(image_id), None, where)
+    return _entries(coco_caption_entries(path, _load_json(path)))
 
 
 def read_karpathy(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
-    data = _load_json(path)
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list):
-        raise UserError(f"{path}: no 'images' list (Karpathy split format expected)")
-    wanted = set(cfg.splits)
-    for i, img in enumerate(images):
-        where = f"{path}: images[{i}]"
-        if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
-            raise UserError(f"{where}: missing field 'sentences'")
-        split = img.get("split")
-        if wanted and split not in wanted:
-            continue
-        image_id = img.get("cocoid", img.get("imgid", img.get("filename")))
-        for j, sent in enumerate(img["sentences"]):
-            if not isinstance(sent, dict) or "raw" not in sent:
-                raise UserError(f"{where}.sentences[{j}]: missing field 'raw'")
-            sid = sent.get("sentid", f"{image_id}-{j}")
-            yield RawCaption(str(sid), sent["raw"], None if image_id is None else str(image_id), split, where)
+    return _entries(karpathy_caption_entries(path, _load_json(path), cfg.splits))
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -157,14 +138,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def read_flickr_token(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
-    for lineno, line in _text_lines(path):
-        if not line.strip():
-            continue
-        m = _FLICKR_LINE.match(line)
-        if not m:
-            raise UserError(f"{path}: line {lineno} is not 'name.jpg#i<TAB>caption'")
-        name, idx, text = m.groups()
-        yield RawCaption(f"{name}#{idx}", text, name, None, f"{path}: line {lineno}")
+    return _entries(flickr_caption_entries(path, _text_lines(path)))
 
 
 def read_txt(path: Path, cfg: IngestConfig) -> Iterator[RawCaption]:
@@ -305,3 +279,24 @@ def run(cfg: IngestConfig, run: RunDir) -> StageResult:
         output=run.captions,
         extra={"format": fmt},
     )
+
+
+def _inputs(cfg: IngestConfig, run: RunDir) -> list[Path]:
+    return [Path(cfg.corpus).expanduser()] if cfg.corpus else []
+
+
+SPEC = StageSpec(
+    name="ingest",
+    config=IngestConfig,
+    run=run,
+    inputs=_inputs,
+    outputs=lambda run: [run.captions],
+    summary="Read a caption corpus into RUN/captions.parquet (format auto-detected).",
+    examples=(
+        "icsd ingest ../data/captions_train2017.json --run runs/coco",
+        "icsd ingest dataset_coco.json --run runs/coco --format karpathy",
+        "icsd ingest corpus.txt --run runs/ss1m",
+        "icsd ingest captions.jsonl --run runs/x --field text",
+    ),
+    arguments=("corpus",),
+)

@@ -23,7 +23,7 @@ from ..config import PairsConfig
 from ..errors import UserError
 from ..records import PAIR_KINDS, Pair, Score, Selection, from_table, to_table
 from ..store import RunDir, done_shards, iter_shard_samples, read_parquet, write_parquet
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,10 @@ def rendered_images(shard: Path) -> Iterator[RenderedImage]:
         yield RenderedImage(
             key=sample.key,
             shard=sample.shard,
-            item_id=str(meta.get("id", sample.key)),
-            prompt_source=str(meta.get("prompt_source", "summary")),
-            prompt=str(meta.get("summary") or ""),
-            nsfw=meta.get("nsfw"),
+            item_id=meta.id,
+            prompt_source=meta.prompt_source,
+            prompt=meta.summary,
+            nsfw=meta.nsfw,
         )
 
 
@@ -204,3 +204,19 @@ def no_pairs_reason(cfg: PairsConfig, tally: Counter[str]) -> str:
     if tally["below_min_clip_score"] or tally["unscored"]:
         return f"no pair has a CLIP score of at least {cfg.min_clip_score} in scores.parquet"
     return f"no pairs of kind {kinds} could be made from {tally['images']} images (no ok selections?)"
+
+
+SPEC = StageSpec(
+    name="pairs",
+    config=PairsConfig,
+    run=run,
+    inputs=lambda cfg, run: [run.images, run.selections, run.captions, run.scores],
+    outputs=lambda run: [run.pairs],
+    summary="Pair each rendered image with its selected captions (and/or summary) into RUN/pairs.parquet.",
+    examples=(
+        "icsd pairs --run runs/coco",
+        "icsd pairs --run runs/coco --kinds selected,summary",
+        "icsd pairs --run runs/uni --kinds uni",
+        "icsd pairs --run runs/coco --min-clip-score 0.25 --include-nsfw",
+    ),
+)

@@ -10,7 +10,6 @@ its done-marker written last, so a killed run loses at most the shard in flight.
 from __future__ import annotations
 
 import io
-import json
 import os
 import queue
 import random
@@ -26,22 +25,20 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.registry import T2I_BACKENDS
 from ..backends.t2i import (
-    TINY_MODEL_NAME,
     Rendered,
     T2IPipeline,
     T2ISpec,
     cached_pipeline,
     check_dtype,
-    check_model_available,
     check_scheduler,
-    ensure_tiny_pipeline,
     item_seed,
 )
 from ..config import RenderConfig
 from ..errors import UserError
 from ..executor import ExecutorKind, ShardTask, count_workers, device_for_worker, run_tasks
-from ..records import Caption, Selection, from_table, iter_batches
+from ..records import Caption, SampleMeta, Selection, from_table, iter_batches
 from ..store import (
     RunDir,
     atomic_path,
@@ -52,11 +49,10 @@ from ..store import (
     remove_stale_parts,
     safe_key,
 )
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 STAGE = "render"
 SHARD_PATTERN = "shard-*.tar"
-TINY_CACHE_NAME = "tiny-random-sd"
 UNTRAINED_NOTE = (
     "note: images come from an untrained tiny random-weight model; "
     "pass --model <id or path> without --tiny-random for real images"
@@ -155,25 +151,24 @@ def items_hash(items: Sequence[RenderItem]) -> str:
 # ----------------------------------------------------------------------------- samples and tar writing
 
 
-def sample_json(
-    item: RenderItem, settings: RenderSettings, nsfw: bool | None, checker_on: bool
-) -> dict[str, Any]:
-    return {
-        "id": item.item_id,
-        "prompt_source": settings.prompt_source,
-        "summary": item.prompt,
-        "seed": item_seed(settings.seed, item.item_id),
-        "model": settings.model,
-        "scheduler": settings.scheduler,
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-        "width": settings.width,
-        "height": settings.height,
-        "negative_prompt": settings.negative_prompt,
-        "nsfw": nsfw if checker_on else None,
-        "safety_checker": checker_on,
-        "untrained": settings.untrained,
-    }
+def sample_meta(item: RenderItem, settings: RenderSettings, nsfw: bool | None, checker_on: bool) -> SampleMeta:
+    """The sample's ``.json`` record (see :class:`icsd.records.SampleMeta`)."""
+    return SampleMeta(
+        id=item.item_id,
+        prompt_source=settings.prompt_source,
+        summary=item.prompt,
+        seed=item_seed(settings.seed, item.item_id),
+        model=settings.model,
+        scheduler=settings.scheduler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        width=settings.width,
+        height=settings.height,
+        negative_prompt=settings.negative_prompt,
+        nsfw=bool(nsfw) if checker_on and nsfw is not None else None,
+        safety_checker=checker_on,
+        untrained=settings.untrained,
+    )
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -218,7 +213,7 @@ class TarSink:
         self._thread = threading.Thread(target=self._drain, name="render-tar-writer", daemon=True)
         self._thread.start()
 
-    def put(self, samples: list[tuple[str, np.ndarray, dict[str, Any]]]) -> None:
+    def put(self, samples: list[tuple[str, np.ndarray, SampleMeta]]) -> None:
         self._raise_if_failed()
         self._queue.put(samples)
 
@@ -244,11 +239,11 @@ class TarSink:
                     _add_member(
                         self._tar,
                         f"{key}.json",
-                        json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                        meta.to_json(),
                         self._mtime,
                     )
                     self.count += 1
-                    self.nsfw += bool(meta.get("nsfw"))
+                    self.nsfw += bool(meta.nsfw)
             except BaseException as exc:  # reported to the rendering thread on its next put/close
                 self._error = exc
 
@@ -299,7 +294,7 @@ def render_shard(
                     (
                         safe_key(it.item_id),
                         rendered.pixels[i],
-                        sample_json(it, settings, rendered.nsfw[i], checker_on),
+                        sample_meta(it, settings, rendered.nsfw[i], checker_on),
                     )
                     for i, it in enumerate(batch)
                 ]
@@ -363,16 +358,22 @@ def _validate(cfg: RenderConfig) -> None:
         raise UserError("use --limit or --sample, not both")
 
 
+def _backend_name(cfg: RenderConfig) -> str:
+    return "tiny-random" if cfg.tiny_random else cfg.backend
+
+
+def _backend(cfg: RenderConfig) -> Any:
+    return T2I_BACKENDS.get(_backend_name(cfg))
+
+
 def _model_path(cfg: RenderConfig, run: RunDir) -> str:
-    if cfg.tiny_random:
-        return str(ensure_tiny_pipeline(run.cache / TINY_CACHE_NAME))
-    check_model_available(cfg.model)
-    return cfg.model
+    return str(_backend(cfg).prepare(cfg.model, run.cache))
 
 
 def _settings(cfg: RenderConfig) -> RenderSettings:
+    backend = _backend(cfg)
     return RenderSettings(
-        model=TINY_MODEL_NAME if cfg.tiny_random else cfg.model,
+        model=backend.model_label(cfg.model),
         prompt_source="caption" if cfg.prompts == "captions" else "summary",
         scheduler=cfg.scheduler,
         steps=cfg.steps,
@@ -385,7 +386,7 @@ def _settings(cfg: RenderConfig) -> RenderSettings:
         image_format=cfg.image_format,
         quality=cfg.quality,
         safety_checker=cfg.safety_checker,
-        untrained=cfg.tiny_random,
+        untrained=bool(backend.untrained),
     )
 
 
@@ -416,6 +417,7 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
     settings = _settings(cfg)
     spec = T2ISpec(
         model=model_path,
+        backend=_backend_name(cfg),
         dtype=cfg.dtype,
         scheduler=cfg.scheduler,
         safety_checker=cfg.safety_checker,
@@ -437,7 +439,7 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
     ]
     run.images.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(run.images, {t.output.name for t in tasks}, SHARD_PATTERN)
-    workers = min(count_workers(cfg.devices), len(tasks))
+    workers = max(1, min(cfg.workers or count_workers(cfg.devices), len(tasks)))
     result = run_tasks(
         tasks,
         RenderWorkerFactory(spec, settings, cfg.batch_size, cfg.devices, workers),
@@ -461,7 +463,7 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
         counts["nsfw"] = nsfw
     if rendered and render_seconds > 0:
         counts["img_per_s"] = round(rendered / render_seconds, 2)
-    notes = [UNTRAINED_NOTE] if cfg.tiny_random else []
+    notes = [UNTRAINED_NOTE] if settings.untrained else []
     return finish_stage(
         run,
         STAGE,
@@ -470,7 +472,29 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
         counts=counts,
         seconds=timer.seconds,
         output=run.images,
-        models={"text_to_image": settings.model, "path": model_path, "untrained": cfg.tiny_random},
+        models={"text_to_image": settings.model, "path": model_path, "untrained": settings.untrained},
         extra={"settings_hash": settings.hash(), "workers": workers},
         notes=notes,
     )
+
+
+def _inputs(cfg: RenderConfig, run: RunDir) -> list[Path]:
+    return [run.captions if cfg.prompts == "captions" else run.selections]
+
+
+SPEC = StageSpec(
+    name="render",
+    config=RenderConfig,
+    run=run,
+    inputs=_inputs,
+    outputs=lambda run: [run.images],
+    summary="Render one image per ok summary (or per caption) into RUN/images/ webdataset shards.",
+    examples=(
+        "icsd render --run runs/coco",
+        "icsd render --run runs/coco --model ./sd-folder --devices 0,1 --batch-size 32",
+        "icsd render --run runs/coco --compile --channels-last",
+        "icsd render --run runs/uni --prompts captions --sample 10000",
+        "icsd render --run runs/demo --tiny-random --size 64 --steps 4",
+        "icsd render --run runs/coco --no-safety-checker --format webp",
+    ),
+)

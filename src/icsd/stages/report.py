@@ -16,9 +16,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ..config import ReportConfig
+from ..errors import UserError
+from ..metrics import SCALE_LABEL, SCORE_KEYS, format_score
 from ..records import ImageSample
-from ..store import STAGES, RunDir, atomic_write_text, done_shards, iter_shard_samples
-from ._base import StageResult, Timer, finish_stage
+from ..store import RunDir, atomic_write_text, done_shards, iter_shard_samples
+from . import stage_names
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 UNTRAINED_NOTE = (
     "Images come from an untrained model; pass `--render.model <id or path>` for real images."
@@ -73,7 +76,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 def overview(manifest: dict[str, Any]) -> str:
     recorded = manifest.get("stages", {})
-    order = {name: i for i, name in enumerate(STAGES)}
+    order = {name: i for i, name in enumerate(stage_names())}
     stages = dict(sorted(recorded.items(), key=lambda kv: order.get(kv[0], len(order))))
     rows = []
     for name, entry in stages.items():
@@ -124,7 +127,7 @@ def groups_section(run: RunDir, limit: int) -> str:
             data = base64.b64encode(sample.image).decode("ascii")
             img = f"<img alt='rendered image' src='data:image/{mime};base64,{data}'>"
             meta = sample.meta
-            info = f"seed {escape(str(meta.get('seed')))} · NSFW {escape(str(meta.get('nsfw')))} · {escape(str(meta.get('model')))}"
+            info = f"seed {escape(str(meta.seed))} · NSFW {escape(str(meta.nsfw))} · {escape(meta.model)}"
         else:
             img, info = "<img alt='no image'>", "no image rendered"
         status_cls = "status-ok" if sel["status"] == "ok" else "status-bad"
@@ -192,7 +195,7 @@ def training_section(run: RunDir) -> str:
     cider_key = next((k for k in ("val_CIDEr", "CIDEr", "val_cider") if any(k in r for r in rows)), None)
     if cider_key:
         val = [(r["step"], r[cider_key]) for r in rows if cider_key in r and "step" in r]
-        plots.append(_plot([s for s, _ in val], [v for _, v in val], "validation CIDEr", "CIDEr"))
+        plots.append(_plot([s for s, _ in val], [v for _, v in val], "validation CIDEr", f"CIDEr ({SCALE_LABEL})"))
     return "<h2>Training</h2>" + "".join(plots) if plots else ""
 
 
@@ -201,20 +204,33 @@ def evaluation_section(run: RunDir) -> str:
     files = sorted(eval_root.glob("*/scores.json")) if eval_root.exists() else []
     if not files:
         return ""
-    out = ["<h2>Evaluation</h2>"]
+    out = ["<h2>Evaluation</h2>", f"<p class='meta'>Scores on pycocoevalcap's {SCALE_LABEL} (papers print them x100).</p>"]
     for f in files:
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             continue
         scores = data.get("scores", data)
-        metrics = {k: v for k, v in scores.items() if isinstance(v, int | float)}
+        metrics = {k: scores[k] for k in SCORE_KEYS if isinstance(scores.get(k), int | float)}
         out.append(f"<h3>{escape(f.parent.name)}</h3>")
-        out.append(_table(list(metrics), [[round(v, 4) for v in metrics.values()]]))
+        images = scores.get("n_images")
+        out.append(_table(["images", *metrics], [[images, *(format_score(v) for v in metrics.values())]]))
+        unreadable = (data.get("selection") or {}).get("unreadable_images")
+        if unreadable:
+            out.append(f"<p class='note'>{escape(str(unreadable))} image(s) could not be read and were not scored.</p>")
         domains = data.get("domains") or scores.get("domains")
         if isinstance(domains, dict):
-            names = sorted({m for d in domains.values() if isinstance(d, dict) for m in d})
-            out.append(_table(["domain", *names], [[d, *[v.get(m) for m in names]] for d, v in domains.items()]))
+            names = [k for k in SCORE_KEYS if any(isinstance(d, dict) and k in d for d in domains.values())]
+            out.append(
+                _table(
+                    ["domain", "images", *names],
+                    [
+                        [d, v.get("n_images"), *(format_score(v[m]) if m in v else "" for m in names)]
+                        for d, v in domains.items()
+                        if isinstance(v, dict)
+                    ],
+                )
+            )
     return "".join(out)
 
 
@@ -248,6 +264,8 @@ def render_html(run: RunDir, cfg: ReportConfig) -> str:
 
 def run(cfg: ReportConfig, run: RunDir) -> StageResult:
     timer = Timer()
+    if not run.manifest_json.exists():
+        raise UserError(f"no run at {run.root}: nothing has been run there yet (check the --run path)")
     html = render_html(run, cfg)
     atomic_write_text(run.report, html)
     return finish_stage(
@@ -259,3 +277,15 @@ def run(cfg: ReportConfig, run: RunDir) -> StageResult:
         seconds=timer.seconds,
         output=run.report,
     )
+
+
+SPEC = StageSpec(
+    name="report",
+    config=ReportConfig,
+    run=run,
+    inputs=lambda cfg, run: [],
+    outputs=lambda run: [run.report],
+    always_rerun=True,
+    summary="Write RUN/report.html: one self-contained page of the run (counts, groups, images, curves, scores).",
+    examples=("icsd report --run runs/quickstart && xdg-open runs/quickstart/report.html",),
+)

@@ -16,20 +16,20 @@ from ..errors import UserError
 from ..executor import resolve_device
 from ..records import ImageSample, Score, Selection, from_table, iter_batches, to_table
 from ..store import RunDir, done_shards, iter_shard_samples, read_parquet, write_parquet
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 
 def texts_for(sample: ImageSample, selections: dict[str, Selection], captions: dict[str, str]) -> list[str]:
     """The texts an image is scored against (each once, in a stable order)."""
-    if sample.meta.get("prompt_source") == "caption":
-        text = captions.get(sample.item_id) or sample.meta.get("summary")
+    if sample.meta.prompt_source == "caption":
+        text = captions.get(sample.item_id) or sample.meta.summary
         return [text] if text else []
     texts: list[str] = []
     sel = selections.get(sample.item_id)
     if sel and sel.summary:
         texts.append(sel.summary)
-    elif sample.meta.get("summary"):
-        texts.append(str(sample.meta["summary"]))
+    elif sample.meta.summary:
+        texts.append(sample.meta.summary)
     if sel:
         texts += [captions[c] for c in sel.selected_ids if c in captions]
     return list(dict.fromkeys(texts))
@@ -83,3 +83,17 @@ def run(cfg: ScoreConfig, run: RunDir) -> StageResult:
         output=run.scores,
         models={"clip": cfg.model},
     )
+
+
+SPEC = StageSpec(
+    name="score",
+    config=ScoreConfig,
+    run=run,
+    inputs=lambda cfg, run: [run.images, run.selections, run.captions],
+    outputs=lambda run: [run.scores],
+    summary="Optional: CLIP image-text similarity of each image with its summary and selected captions.",
+    examples=(
+        "icsd score --run runs/coco --model openai/clip-vit-base-patch32",
+        "icsd pairs --run runs/coco --min-clip-score 0.25",
+    ),
+)

@@ -33,13 +33,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from ..backends.llm import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, make_backend
 from ..config import SummarizeConfig
 from ..errors import UserError
 from ..executor import ShardTask, count_workers, device_for_worker, resolve_device, run_tasks
-from ..llm_answers import parse_answer
-from ..llm_cache import LLMCache, request_key
-from ..llm_prompts import (
+from ..llm import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, make_backend
+from ..llm.answers import parse_answer
+from ..llm.cache import LLMCache, request_key
+from ..llm.prompts import (
     PromptSettings,
     PromptTemplate,
     answer_schema,
@@ -49,7 +49,7 @@ from ..llm_prompts import (
 )
 from ..records import SELECTION_STATUSES, SELECTIONS_SCHEMA, Selection, from_table
 from ..store import RunDir, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
 STAGE = "summarize"
 PART_PATTERN = "part-*.parquet"
@@ -417,6 +417,7 @@ def backend_spec(cfg: SummarizeConfig, device: str) -> BackendSpec:
         max_retries=cfg.max_retries,
         backoff=cfg.retry_backoff,
         client=cfg.client,
+        response_format=cfg.response_format,
         device=device,
         batch_size=cfg.batch_size,
         chunk_size=cfg.part_size,
@@ -580,3 +581,24 @@ def _run_as_tasks(
     )
     for r in result.results:
         tally.add(r)
+
+
+SPEC = StageSpec(
+    name="summarize",
+    config=SummarizeConfig,
+    run=run,
+    inputs=lambda cfg, run: [run.candidates, run.captions],
+    outputs=lambda run: [run.selection_parts, run.selections],
+    summary="Ask an LLM to select captions of one scene and summarise them into RUN/selections.parquet.",
+    examples=(
+        "icsd summarize --run runs/coco --limit 20            (packaged SmolLM2, CPU: a quick look)",
+        "vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000 &",
+        "icsd summarize --run runs/coco --backend openai --base-url http://127.0.0.1:8000/v1 "
+        "--model Qwen/Qwen2.5-7B-Instruct --concurrency 256",
+        "OPENAI_API_KEY=... icsd summarize --run runs/coco --backend openai --model gpt-3.5-turbo",
+        "icsd summarize --run runs/coco --backend vllm --model Qwen/Qwen2.5-7B-Instruct",
+        "icsd summarize --run runs/coco --sample 100 --seed 1 --prompt my_prompt.txt",
+        "icsd summarize --run runs/coco --mode first-n --n 5      (no selection, only condense)",
+        "icsd summarize --run runs/coco --retry                   (redo groups that are not ok)",
+    ),
+)

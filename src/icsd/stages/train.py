@@ -19,6 +19,7 @@ import io
 import json
 import math
 import random
+import sys
 import tarfile
 import time
 from collections import defaultdict
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backends.captioners import CaptionerSpec, CaptionModel, build_caption_model
+from ..caption import skipped_note
 from ..config import TrainConfig
 from ..errors import UserError
 from ..executor import ShardTask, run_tasks
@@ -54,14 +56,14 @@ from ..training.distributed import Ranks, all_reduce_sum, barrier, gather_lists,
 from ..training.validation import (
     ValSet,
     caption_scores,
+    caption_valset,
     holdout_keys,
     load_holdout,
     load_user_split,
-    readable,
+    validation_line,
 )
-from ._base import StageResult, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage
 
-PRESET_LR = {"icsd": 1e-5, "prefix": 2e-5, "tiny": 1e-3}
 IDENTITY_FIELDS = (
     "preset", "vision_model", "text_model", "image_size", "prompt", "label_smoothing", "lr", "dropout",
     "max_tokens", "augment", "crop_scale_min", "precompute_features", "shuffle_buffer", "weight_decay",
@@ -134,24 +136,17 @@ def resolved_settings(cfg: TrainConfig, spec: CaptionerSpec) -> dict[str, Any]:
         text_model=spec.text_model,
         image_size=spec.image_size,
         dropout=spec.dropout,
-        lr=cfg.lr or PRESET_LR[cfg.preset],
-        augment=cfg.augment if cfg.augment is not None else cfg.preset != "prefix",
+        lr=cfg.lr or spec.family.lr,
+        augment=cfg.augment if cfg.augment is not None else spec.family.augment,
     )
     return values
 
 
-# ----------------------------------------------------------------------------- prefix features
+# ----------------------------------------------------------------------------- precomputed image features
 
 
 def feature_settings(spec: CaptionerSpec, cm: CaptionModel) -> str:
-    return hash_obj(
-        {
-            "vision_model": spec.vision_model,
-            "image_size": cm.image_size,
-            "layer": cm.model.config.vision_feature_layer,
-            "strategy": cm.model.config.vision_feature_select_strategy,
-        }
-    )
+    return hash_obj({"vision_model": spec.vision_model, "image_size": cm.image_size, **cm.family.feature_identity(cm.model)})
 
 
 def shard_images(path: Path, keys: dict[str, list[str]]) -> list[tuple[str, bytes]]:
@@ -183,7 +178,7 @@ def write_feature_shard(
 
 
 def precompute_features(run: RunDir, data: TrainData, cm: CaptionModel, spec: CaptionerSpec, ranks: Ranks) -> list[str]:
-    """Feature shards for a prefix model (each rank computes a share; done shards are kept)."""
+    """Feature shards for a family that trains on frozen features (each rank computes a share; done shards are kept)."""
     folder = run.train / "features"
     settings = feature_settings(spec, cm)
     tasks = [
@@ -247,9 +242,6 @@ class Trainer:
         else:
             self.notes.append("note: no validation split (give --val-images/--val-captions or --val-fraction > 0): best/ holds the final weights")
             return None
-        valset, bad = readable(valset)
-        if bad:
-            self.notes.append(f"note: {len(bad)} validation image(s) could not be read and were left out: {bad[:3]}")
         return valset if len(valset) else None
 
     def resume_point(self, identity: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
@@ -345,18 +337,18 @@ class Trainer:
         cfg, ranks = self.cfg, self.ranks
         captioner = cm.captioner(ranks.device)
         mine = list(range(ranks.rank, len(valset), ranks.world))
-        preds: list[list[Any]] = []
-        for i in range(0, len(mine), 32):
-            chunk = mine[i : i + 32]
-            texts = captioner.caption(
-                [valset.load(j) for j in chunk],
-                beams=cfg.beams,
-                min_new_tokens=cfg.min_new_tokens,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            preds.extend([j, t] for j, t in zip(chunk, texts, strict=True))
-        ordered = sorted(gather_lists(preds, ranks))
-        return caption_scores([t for _, t in ordered], [valset.refs[j] for j, _ in ordered])
+        done = caption_valset(
+            captioner, valset, mine, beams=cfg.beams, min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens
+        )
+        ordered = sorted(gather_lists([[j, t] for j, t in done.captions], ranks))
+        skipped = sorted(gather_lists([[valset.ids[j], why] for j, why in done.skipped], ranks))
+        note = skipped_note(len(skipped), len(valset), skipped, "validation images")
+        if note and note not in self.notes:
+            self.notes.append(note)
+        if not ordered:
+            raise UserError(f"none of the {len(valset)} validation images could be read ({valset.source})")
+        scores = caption_scores([t for _, t in ordered], [valset.refs[j] for j, _ in ordered])
+        return {**scores, "images": len(ordered), "unreadable": len(skipped)}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -419,10 +411,10 @@ class Trainer:
         return self.result(data, valset, total, start, best, timer)
 
     def stream_plan(self, data: TrainData, cm: CaptionModel, streams: int, stream_batch: int) -> StreamPlan:
-        """Where the batches come from: image shards, or feature shards for a prefix model."""
+        """Where the batches come from: image shards, or feature shards for a family that trains on them."""
         cfg = self.cfg
         augment = bool(self.settings["augment"])
-        use_features = cm.kind == "prefix" and cfg.precompute_features and not augment
+        use_features = cm.family.trains_on_features and cfg.precompute_features and not augment
         urls = (
             precompute_features(self.run, data, cm, self.spec, self.ranks)
             if use_features
@@ -599,6 +591,8 @@ class Trainer:
             self.save_best(cm, {"step": step, "val": scores, "val_source": valset.source})
         barrier(self.ranks)
         self.log({"step": step, **{f"val_{k}": v for k, v in scores.items()}, "best": improved})
+        if self.ranks.main:
+            tqdm.write(validation_line(step, scores), file=sys.stderr)
         return best
 
 
@@ -609,3 +603,32 @@ def run(cfg: TrainConfig, run: RunDir) -> StageResult:
         return Trainer(cfg, run, ranks).train(timer)
     finally:
         shutdown(ranks)
+
+
+def _prepare(cfg: TrainConfig, run: RunDir, changed: bool) -> TrainConfig:
+    """Under ``icsd run``: a training whose settings or data changed since it finished starts over."""
+    return cfg.model_copy(update={"restart": True}) if changed else cfg
+
+
+SPEC = StageSpec(
+    name="train",
+    config=TrainConfig,
+    run=run,
+    inputs=lambda cfg, run: [run.pairs, run.images],
+    outputs=lambda run: [run.train],
+    prepare=_prepare,
+    summary="Train a captioner on RUN/pairs.parquet; checkpoints in RUN/train/ (resumes from RUN/train/last).",
+    examples=(
+        "icsd train --run runs/coco --val-images coco/val2014 --val-captions dataset_coco.json",
+        "icsd train --run runs/demo --preset tiny --max-steps 200 --device cpu",
+        "icsd train --run runs/coco --preset prefix --text-model gpt2 --batch-size 128",
+        "One process per GPU (the same command resumes after a stop; --restart starts over). Under "
+        "torchrun/accelerate write -r RUN and -c FILE: their parsers take --run/--config as their own. "
+        "The run's own RUN/config.yaml (written by `icsd run CONFIG`) is read first, so -c is only "
+        "needed for a run made stage by stage.",
+        "torchrun --nproc_per_node 8 -m icsd.cli train -r runs/coco",
+        "accelerate launch --multi_gpu --num_processes 8 -m icsd.cli train -r runs/coco",
+        "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 "
+        "-m icsd.cli train -r /shared/runs/coco -c configs/icsd_coco.yaml",
+    ),
+)
