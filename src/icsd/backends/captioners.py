@@ -1,20 +1,24 @@
-"""Image captioners built from standard transformers components.
+"""Image captioners built from standard transformers components, one class per family.
 
-Presets:
+Families (registered in :mod:`icsd.backends.registry`; the name is ``train.preset``):
 
-- ``icsd``: the paper's captioner. A CLIP vision encoder (any HF CLIP id or path; ViT-B/32 at
-  384 px with its position embeddings interpolated) feeding a BERT decoder with cross-attention
-  initialised from a BERT id or path, as one :class:`~transformers.VisionEncoderDecoderModel`.
-  The text prompt "a picture of " is masked out of the loss.
-- ``prefix``: a light ClipCap-style model as a :class:`~transformers.LlavaForConditionalGeneration`:
-  frozen CLIP image features -> a small MLP (the projector) -> the prefix of a causal LM
-  (GPT-2, SmolLM2, ...). Trains from precomputed image features.
-- ``tiny``: random tiny shapes of ``icsd`` (WordPiece vocabulary of bert-base-uncased, shipped
-  offline with the MiniLM package), for tests and the offline quickstart.
+- ``icsd`` (:class:`IcsdCaptioner`): the paper's captioner. A CLIP vision encoder (any HF CLIP id
+  or path; ViT-B/32 at 384 px with its position embeddings interpolated) feeding a BERT decoder
+  with cross-attention initialised from a BERT id or path, as one
+  :class:`~transformers.VisionEncoderDecoderModel`. The text prompt "a picture of " is masked out
+  of the loss.
+- ``prefix`` (:class:`PrefixCaptioner`): a light ClipCap-style model as a
+  :class:`~transformers.LlavaForConditionalGeneration`: frozen CLIP image features -> a small MLP
+  (the projector) -> the prefix of a causal LM (GPT-2, SmolLM2, ...). Trains from precomputed
+  image features.
+- ``tiny`` (:class:`TinyCaptioner`): random tiny shapes of ``icsd`` (WordPiece vocabulary of
+  bert-base-uncased, shipped offline with the MiniLM package), for tests and the offline quickstart.
 
-Every checkpoint is a ``save_pretrained`` folder (safetensors + tokenizer + image processor +
-generation config) that loads with plain transformers; ``captioner.json`` beside it records the
-prompt. Decoding is transformers' ``generate()`` (beam search), never a hand-written loop.
+A family is a :class:`CaptionerFamily` subclass: ``build`` (the model from a spec), ``loss``,
+``text_batch``, ``generate``, ``save`` and ``load``. Every checkpoint is a ``save_pretrained`` folder
+(safetensors + tokenizer + image processor + generation config) that loads with plain
+transformers; ``captioner.json`` beside it records the family and the prompt. Decoding is
+transformers' ``generate()`` (beam search), never a hand-written loop.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +40,11 @@ from torch import nn
 
 from ..errors import UserError
 from ..images import to_rgb
+from .registry import CAPTIONERS
 
-PRESETS: tuple[str, ...] = ("icsd", "prefix", "tiny")
 DEFAULT_PROMPT = "a picture of "
 CAPTIONER_FILE = "captioner.json"
 IMAGE_TOKEN = "<image>"
-ModelKind = Literal["encoder-decoder", "prefix"]
-
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "icsd": {"vision_model": "openai/clip-vit-base-patch32", "text_model": "bert-base-uncased", "image_size": 384},
-    "prefix": {"vision_model": "openai/clip-vit-base-patch32", "text_model": "gpt2", "image_size": None},
-    "tiny": {"vision_model": None, "text_model": None, "image_size": 64},
-}
 
 TINY_VISION: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 TINY_TEXT: dict[str, Any] = {
@@ -78,7 +75,7 @@ def quiet_transformers() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class CaptionerSpec:
-    """What to build: a preset and the components it starts from."""
+    """What to build: a preset (captioner family) and the components it starts from."""
 
     preset: str = "icsd"
     vision_model: str | None = None
@@ -91,18 +88,15 @@ class CaptionerSpec:
     min_new_tokens: int = 5
     max_new_tokens: int = 30
 
+    @property
+    def family(self) -> type[CaptionerFamily]:
+        """The registered family of ``preset`` (a one-line error listing the known ones if none)."""
+        family: type[CaptionerFamily] = CAPTIONERS.get(self.preset)
+        return family
+
     def resolved(self) -> CaptionerSpec:
-        """The spec with the preset's defaults filled in."""
-        if self.preset not in PRESETS:
-            raise UserError(f"unknown captioner preset {self.preset!r}: use one of {', '.join(PRESETS)}")
-        defaults = PRESET_DEFAULTS[self.preset]
-        values = asdict(self)
-        for key, value in defaults.items():
-            if values[key] is None:
-                values[key] = value
-        if self.preset == "tiny" and values["dropout"] is None:
-            values["dropout"] = 0.0
-        return CaptionerSpec(**values)
+        """The spec with the family's defaults filled in."""
+        return self.family.resolve(self)
 
 
 def minilm_vocab() -> Path:
@@ -212,204 +206,6 @@ def load_clip_vision(name: str, image_size: int | None) -> tuple[Any, Any]:
     return model, clip_image_processor(size, base)
 
 
-# ----------------------------------------------------------------------------- building
-
-
-@dataclass
-class CaptionModel:
-    """A trainable captioner: the transformers model with its tokenizer and image processor."""
-
-    model: Any
-    tokenizer: Any
-    image_processor: Any
-    kind: ModelKind
-    spec: CaptionerSpec
-    image_size: int
-    num_image_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.model.generation_config = generation_config(self.tokenizer, self.kind, self.spec)
-
-    @property
-    def prompt(self) -> str:
-        return self.spec.prompt
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def text_batch(self, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
-        """Tokenised captions; ``fixed`` pads every batch to the longest possible length (static
-        shapes, so ``torch.compile`` does not recompile for each new caption length)."""
-        if self.kind == "encoder-decoder":
-            return encode_decoder_texts(self.tokenizer, self.prompt, captions, max_tokens, fixed)
-        image_token_id = self.model.config.image_token_id
-        return encode_prefix_texts(
-            self.tokenizer, self.prompt, captions, max_tokens, image_token_id, self.num_image_tokens, fixed
-        )
-
-    def loss_module(self, label_smoothing: float) -> CaptionLoss:
-        return CaptionLoss(self.model, self.kind, label_smoothing)
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen image features a prefix model projects (what its trainer precomputes)."""
-        if self.kind != "prefix":
-            raise ValueError("only prefix models take precomputed image features")
-        return prefix_image_features(self.model, pixel_values)
-
-    def captioner(self, device: str | None = None) -> Captioner:
-        dev = device or str(next(self.model.parameters()).device)
-        return Captioner(self.model, self.tokenizer, self.image_processor, kind=self.kind, prompt=self.prompt, device=dev)
-
-    def save(self, path: str | Path) -> None:
-        """A ``save_pretrained`` folder that loads with plain transformers."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        if self.kind == "prefix":
-            prefix_processor(self.image_processor, self.tokenizer, self.model.config).save_pretrained(out)
-        else:
-            self.tokenizer.save_pretrained(out)
-            self.image_processor.save_pretrained(out)
-        info = {
-            "format": "icsd-captioner",
-            "kind": self.kind,
-            "preset": self.spec.preset,
-            "prompt": self.prompt,
-            "image_size": self.image_size,
-            "vision_model": self.spec.vision_model,
-            "text_model": self.spec.text_model,
-            **self.extra,
-        }
-        (out / CAPTIONER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-
-def generation_config(tokenizer: Any, kind: ModelKind, spec: CaptionerSpec) -> Any:
-    from transformers import GenerationConfig
-
-    start, end, pad = special_ids(tokenizer)
-    common = {
-        "num_beams": spec.beams,
-        "min_new_tokens": spec.min_new_tokens,
-        "max_new_tokens": spec.max_new_tokens,
-        "eos_token_id": end,
-        "pad_token_id": pad,
-    }
-    if kind == "encoder-decoder":
-        return GenerationConfig(decoder_start_token_id=start, bos_token_id=start, **common)
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, **common)
-
-
-def build_caption_model(spec: CaptionerSpec) -> CaptionModel:
-    """Build a preset's model from its components (pretrained where the preset says so)."""
-    spec = spec.resolved()
-    if spec.preset == "tiny":
-        return build_tiny(spec)
-    if spec.preset == "icsd":
-        return build_encoder_decoder(spec)
-    return build_prefix(spec)
-
-
-def dropout_overrides(dropout: float | None) -> dict[str, Any]:
-    if dropout is None:
-        return {}
-    return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-
-
-def compose_encoder_decoder(encoder: Any, decoder: Any) -> Any:
-    from transformers import VisionEncoderDecoderModel
-
-    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
-    # CLIP's pooled-output norm feeds nothing the decoder sees; frozen so DDP sees no unused grads.
-    for p in model.encoder.post_layernorm.parameters():  # type: ignore[union-attr]
-        p.requires_grad_(False)
-    return model
-
-
-def build_tiny(spec: CaptionerSpec) -> CaptionModel:
-    from transformers import BertConfig, BertLMHeadModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
-
-    size = int(spec.image_size or 64)
-    tokenizer = BertTokenizer(vocab=str(minilm_vocab()), model_max_length=TINY_TEXT["max_position_embeddings"])
-    vision = CLIPVisionModel(CLIPVisionConfig(image_size=size, patch_size=TINY_PATCH, **TINY_VISION))
-    text_config = BertConfig(
-        vocab_size=len(tokenizer),
-        is_decoder=True,
-        add_cross_attention=True,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_TEXT,
-        **dropout_overrides(spec.dropout),
-    )
-    decoder = BertLMHeadModel(text_config)
-    model = compose_encoder_decoder(vision, decoder)
-    model.config.decoder_start_token_id, _, model.config.pad_token_id = special_ids(tokenizer)
-    return CaptionModel(model, tokenizer, clip_image_processor(size), "encoder-decoder", spec, size)
-
-
-def build_encoder_decoder(spec: CaptionerSpec) -> CaptionModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    assert spec.vision_model and spec.text_model
-    vision, processor = load_clip_vision(spec.vision_model, spec.image_size)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(spec.text_model)
-            decoder = AutoModelForCausalLM.from_pretrained(
-                spec.text_model, is_decoder=True, add_cross_attention=True, **dropout_overrides(spec.dropout)
-            )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load text decoder {spec.text_model!r}: {str(exc).splitlines()[0]}") from None
-    model = compose_encoder_decoder(vision, decoder)
-    model.config.decoder_start_token_id, _, model.config.pad_token_id = special_ids(tokenizer)
-    return CaptionModel(model, tokenizer, processor, "encoder-decoder", spec, vision.config.image_size)
-
-
-def build_prefix(spec: CaptionerSpec) -> CaptionModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
-
-    assert spec.vision_model and spec.text_model
-    vision, processor = load_clip_vision(spec.vision_model, spec.image_size)
-    from .llm import resolve_local_model
-
-    folder, gguf = resolve_local_model(spec.text_model, None)
-    extra = {"gguf_file": gguf} if gguf else {}
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-            lm = AutoModelForCausalLM.from_pretrained(folder, **extra)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load language model {spec.text_model!r}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of {spec.text_model!r} has no end-of-text token")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the image token is always replaced
-    text_config = lm.config
-    text_config.tie_word_embeddings = False
-    grid = vision.config.image_size // vision.config.patch_size
-    num_tokens = grid * grid
-    config = LlavaConfig(
-        vision_config=vision.config,
-        text_config=text_config,
-        image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),  # type: ignore[arg-type]
-        image_seq_length=num_tokens,
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    with quiet_transformers():
-        model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    model.model.language_model.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
-    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
-    model.model.vision_tower.requires_grad_(False)
-    return CaptionModel(
-        model, tokenizer, processor, "prefix", spec, vision.config.image_size, num_image_tokens=num_tokens
-    )
-
-
 def prefix_processor(image_processor: Any, tokenizer: Any, config: Any) -> Any:
     from transformers import LlavaProcessor
 
@@ -511,48 +307,444 @@ def encode_prefix_texts(
     return batch
 
 
+# ----------------------------------------------------------------------------- families
+
+
+class CaptionerFamily:
+    """One way of building, training, running, saving and loading a captioner.
+
+    Stateless: every method is a classmethod, so a family is its class, registered by name in
+    :data:`icsd.backends.registry.CAPTIONERS`. A new family subclasses this (or a family close to
+    it) and overrides what differs; the shared contract tests (``tests/test_contract_captioners.py``)
+    check it once a test subclass names it.
+    """
+
+    name: ClassVar[str] = ""
+    #: written to ``captioner.json`` for people reading the folder (nothing branches on it)
+    kind: ClassVar[str] = ""
+    #: the ``model_type`` in ``config.json`` of the checkpoints it saves
+    model_type: ClassVar[str] = ""
+    #: spec values used where the spec leaves them None
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: the peak learning rate when the training config gives none
+    lr: ClassVar[float] = 1e-5
+    #: whether training augments images when the training config does not say
+    augment: ClassVar[bool] = True
+    #: whether the trainer may feed it precomputed frozen image features (:meth:`image_features`)
+    trains_on_features: ClassVar[bool] = False
+
+    @classmethod
+    def resolve(cls, spec: CaptionerSpec) -> CaptionerSpec:
+        values = asdict(spec)
+        for key, value in cls.defaults.items():
+            if values[key] is None:
+                values[key] = value
+        return CaptionerSpec(**values)
+
+    @classmethod
+    def build(cls, spec: CaptionerSpec) -> CaptionModel:
+        """The model of a resolved spec, from its components (pretrained where the spec names them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_class(cls) -> Any:
+        """The transformers class that loads its checkpoints (``from_pretrained``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def generation_config(cls, tokenizer: Any, spec: CaptionerSpec) -> Any:
+        from transformers import GenerationConfig
+
+        _, end, pad = special_ids(tokenizer)
+        return GenerationConfig(
+            num_beams=spec.beams,
+            min_new_tokens=spec.min_new_tokens,
+            max_new_tokens=spec.max_new_tokens,
+            eos_token_id=end,
+            pad_token_id=pad,
+            **cls.start_tokens(tokenizer),
+        )
+
+    @classmethod
+    def start_tokens(cls, tokenizer: Any) -> dict[str, Any]:
+        return {"bos_token_id": tokenizer.bos_token_id}
+
+    @classmethod
+    def text_batch(cls, cm: CaptionModel, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
+        """Tokenised captions with labels (``-100`` where the loss does not look)."""
+        raise NotImplementedError
+
+    @classmethod
+    def logits(
+        cls, model: Any, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Next-token logits ``[B, T, V]`` for a text batch conditioned on its images."""
+        raise NotImplementedError
+
+    @classmethod
+    def loss(
+        cls,
+        model: Any,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """The summed label-smoothed token cross-entropy (divide by the token count)."""
+        logits = cls.logits(model, images, input_ids, attention_mask)
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            label_smoothing=label_smoothing,
+            reduction="sum",
+        )
+
+    @classmethod
+    def generate(cls, model: Any, tokenizer: Any, pixels: torch.Tensor, prompt: str, **settings: Any) -> torch.Tensor:
+        """The new token ids (prompt left out) that ``model.generate`` writes after the prompt."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_features(cls, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"the {cls.name} captioner takes no precomputed image features")
+
+    @classmethod
+    def feature_identity(cls, model: Any) -> dict[str, Any]:
+        """What, besides the vision model and image size, fixes :meth:`image_features`."""
+        return {}
+
+    @classmethod
+    def save_processors(cls, cm: CaptionModel, out: Path) -> None:
+        cm.tokenizer.save_pretrained(out)
+        cm.image_processor.save_pretrained(out)
+
+    @classmethod
+    def save(cls, cm: CaptionModel, path: str | Path) -> None:
+        """A ``save_pretrained`` folder that loads with plain transformers, plus ``captioner.json``."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        cm.model.save_pretrained(out)
+        cls.save_processors(cm, out)
+        info = {
+            "format": "icsd-captioner",
+            "kind": cls.kind,
+            "preset": cm.spec.preset,
+            "prompt": cm.prompt,
+            "image_size": cm.image_size,
+            "vision_model": cm.spec.vision_model,
+            "text_model": cm.spec.text_model,
+            **cm.extra,
+        }
+        (out / CAPTIONER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[Any, Any, Any]:
+        """(model, tokenizer, image processor) of a saved folder, with transformers' own classes."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        try:
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                processor = AutoImageProcessor.from_pretrained(folder)
+                model, loading = cls.model_class().from_pretrained(folder, output_loading_info=True)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise UserError(f"cannot load captioner from {folder}: {str(exc).splitlines()[0]}") from None
+        check_all_weights_loaded(str(folder), loading, "captioner checkpoint")
+        return model, tokenizer, processor
+
+
+def dropout_overrides(dropout: float | None) -> dict[str, Any]:
+    if dropout is None:
+        return {}
+    return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+
+
+def compose_encoder_decoder(encoder: Any, decoder: Any) -> Any:
+    from transformers import VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    # CLIP's pooled-output norm feeds nothing the decoder sees; frozen so DDP sees no unused grads.
+    for p in model.encoder.post_layernorm.parameters():  # type: ignore[union-attr]
+        p.requires_grad_(False)
+    return model
+
+
+def decoder_prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """``[[start, *prompt]]``: what an encoder-decoder captioner's decoder starts from."""
+    start, _, _ = special_ids(tokenizer)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return torch.tensor([[start, *ids]], dtype=torch.long)
+
+
+class IcsdCaptioner(CaptionerFamily):
+    """CLIP vision encoder + BERT decoder with cross-attention (the paper's model)."""
+
+    name = "icsd"
+    kind = "encoder-decoder"
+    model_type = "vision-encoder-decoder"
+    defaults = {"vision_model": "openai/clip-vit-base-patch32", "text_model": "bert-base-uncased", "image_size": 384}
+    lr = 1e-5
+
+    @classmethod
+    def build(cls, spec: CaptionerSpec) -> CaptionModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (spec.vision_model and spec.text_model):
+            raise UserError(f"the {cls.name} captioner needs a vision model and a text model")
+        vision, processor = load_clip_vision(spec.vision_model, spec.image_size)
+        try:
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(spec.text_model)
+                decoder = AutoModelForCausalLM.from_pretrained(
+                    spec.text_model, is_decoder=True, add_cross_attention=True, **dropout_overrides(spec.dropout)
+                )
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load text decoder {spec.text_model!r}: {str(exc).splitlines()[0]}") from None
+        return cls.compose(vision, decoder, tokenizer, processor, spec)
+
+    @classmethod
+    def compose(cls, vision: Any, decoder: Any, tokenizer: Any, processor: Any, spec: CaptionerSpec) -> CaptionModel:
+        model = compose_encoder_decoder(vision, decoder)
+        model.config.decoder_start_token_id, _, model.config.pad_token_id = special_ids(tokenizer)
+        return CaptionModel(model, tokenizer, processor, cls, spec, vision.config.image_size)
+
+    @classmethod
+    def model_class(cls) -> Any:
+        from transformers import VisionEncoderDecoderModel
+
+        return VisionEncoderDecoderModel
+
+    @classmethod
+    def start_tokens(cls, tokenizer: Any) -> dict[str, Any]:
+        start, _, _ = special_ids(tokenizer)
+        return {"decoder_start_token_id": start, "bos_token_id": start}
+
+    @classmethod
+    def text_batch(cls, cm: CaptionModel, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
+        return encode_decoder_texts(cm.tokenizer, cm.prompt, captions, max_tokens, fixed)
+
+    @classmethod
+    def logits(
+        cls, model: Any, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        out = model(pixel_values=images, decoder_input_ids=input_ids, decoder_attention_mask=attention_mask)
+        return out.logits  # type: ignore[no-any-return]
+
+    @classmethod
+    def generate(cls, model: Any, tokenizer: Any, pixels: torch.Tensor, prompt: str, **settings: Any) -> torch.Tensor:
+        prompt_ids = decoder_prompt_ids(tokenizer, prompt).to(pixels.device).expand(len(pixels), -1)
+        generated = model.generate(pixel_values=pixels, decoder_input_ids=prompt_ids, **settings)
+        return generated[:, prompt_ids.shape[1] :]  # type: ignore[no-any-return]
+
+
+class TinyCaptioner(IcsdCaptioner):
+    """Random tiny shapes of ``icsd`` (tests, the offline quickstart): nothing is downloaded."""
+
+    name = "tiny"
+    defaults = {"vision_model": None, "text_model": None, "image_size": 64, "dropout": 0.0}
+    lr = 1e-3
+
+    @classmethod
+    def build(cls, spec: CaptionerSpec) -> CaptionModel:
+        from transformers import BertConfig, BertLMHeadModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+        size = int(spec.image_size or 64)
+        tokenizer = BertTokenizer(vocab=str(minilm_vocab()), model_max_length=TINY_TEXT["max_position_embeddings"])
+        vision = CLIPVisionModel(CLIPVisionConfig(image_size=size, patch_size=TINY_PATCH, **TINY_VISION))
+        text_config = BertConfig(
+            vocab_size=len(tokenizer),
+            is_decoder=True,
+            add_cross_attention=True,
+            pad_token_id=tokenizer.pad_token_id,
+            **TINY_TEXT,
+            **dropout_overrides(spec.dropout),
+        )
+        return cls.compose(vision, BertLMHeadModel(text_config), tokenizer, clip_image_processor(size), spec)
+
+
+class PrefixCaptioner(CaptionerFamily):
+    """Frozen CLIP features -> MLP projector -> prefix of a causal LM, as a Llava model."""
+
+    name = "prefix"
+    kind = "prefix"
+    model_type = "llava"
+    defaults = {"vision_model": "openai/clip-vit-base-patch32", "text_model": "gpt2", "image_size": None}
+    lr = 2e-5
+    augment = False
+    trains_on_features = True
+
+    @classmethod
+    def build(cls, spec: CaptionerSpec) -> CaptionModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+        if not (spec.vision_model and spec.text_model):
+            raise UserError(f"the {cls.name} captioner needs a vision model and a text model")
+        vision, processor = load_clip_vision(spec.vision_model, spec.image_size)
+        from ..llm.local import resolve_local_model
+
+        folder, gguf = resolve_local_model(spec.text_model, None)
+        extra = {"gguf_file": gguf} if gguf else {}
+        try:
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+                lm = AutoModelForCausalLM.from_pretrained(folder, **extra)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load language model {spec.text_model!r}: {str(exc).splitlines()[0]}") from None
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"the tokenizer of {spec.text_model!r} has no end-of-text token")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the image token is always replaced
+        text_config = lm.config
+        text_config.tie_word_embeddings = False
+        grid = vision.config.image_size // vision.config.patch_size
+        num_tokens = grid * grid
+        config = LlavaConfig(
+            vision_config=vision.config,
+            text_config=text_config,
+            image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),  # type: ignore[arg-type]
+            image_seq_length=num_tokens,
+            vision_feature_layer=spec.vision_feature_layer,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+        with quiet_transformers():
+            model = LlavaForConditionalGeneration(config)
+        model.model.vision_tower.load_state_dict(vision.state_dict())
+        model.model.language_model.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict())
+        model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+        model.model.vision_tower.requires_grad_(False)
+        return CaptionModel(model, tokenizer, processor, cls, spec, vision.config.image_size, num_image_tokens=num_tokens)
+
+    @classmethod
+    def model_class(cls) -> Any:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @classmethod
+    def text_batch(cls, cm: CaptionModel, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
+        image_token_id = cm.model.config.image_token_id
+        return encode_prefix_texts(cm.tokenizer, cm.prompt, captions, max_tokens, image_token_id, cm.num_image_tokens, fixed)
+
+    @classmethod
+    def logits(
+        cls, model: Any, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Pixel values ``[B, 3, H, W]`` or precomputed features ``[B, N, D]`` (what the trainer caches)."""
+        if images.dim() == 4:
+            with torch.no_grad():
+                images = prefix_image_features(model, images)
+        embeds = model.get_input_embeddings()(input_ids)
+        projected = model.model.multi_modal_projector(images.to(embeds.dtype))
+        mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, projected.to(embeds.dtype))
+        return model(inputs_embeds=embeds, attention_mask=attention_mask).logits  # type: ignore[no-any-return]
+
+    @classmethod
+    def generate(cls, model: Any, tokenizer: Any, pixels: torch.Tensor, prompt: str, **settings: Any) -> torch.Tensor:
+        num = model.config.image_seq_length
+        text = tokenizer([prefix_prompt_text(prompt, num)] * len(pixels), return_tensors="pt")
+        generated = model.generate(
+            input_ids=text["input_ids"].to(pixels.device),
+            attention_mask=text["attention_mask"].to(pixels.device),
+            pixel_values=pixels.to(model.dtype),
+            **settings,
+        )
+        return generated[:, text["input_ids"].shape[1] :]  # type: ignore[no-any-return]
+
+    @classmethod
+    def image_features(cls, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        return prefix_image_features(model, pixels)
+
+    @classmethod
+    def feature_identity(cls, model: Any) -> dict[str, Any]:
+        return {"layer": model.config.vision_feature_layer, "strategy": model.config.vision_feature_select_strategy}
+
+    @classmethod
+    def save_processors(cls, cm: CaptionModel, out: Path) -> None:
+        prefix_processor(cm.image_processor, cm.tokenizer, cm.model.config).save_pretrained(out)
+
+
+def build_caption_model(spec: CaptionerSpec) -> CaptionModel:
+    """Build the model of ``spec.preset``'s family (defaults filled in)."""
+    spec = spec.resolved()
+    return spec.family.build(spec)
+
+
+# ----------------------------------------------------------------------------- a built model
+
+
+@dataclass
+class CaptionModel:
+    """A trainable captioner: the transformers model with its tokenizer, image processor and family."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    family: type[CaptionerFamily]
+    spec: CaptionerSpec
+    image_size: int
+    num_image_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model.generation_config = self.family.generation_config(self.tokenizer, self.spec)
+
+    @property
+    def prompt(self) -> str:
+        return self.spec.prompt
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def text_batch(self, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
+        """Tokenised captions; ``fixed`` pads every batch to the longest possible length (static
+        shapes, so ``torch.compile`` does not recompile for each new caption length)."""
+        return self.family.text_batch(self, captions, max_tokens, fixed)
+
+    def loss_module(self, label_smoothing: float) -> CaptionLoss:
+        return CaptionLoss(self.model, self.family, label_smoothing)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen image features the trainer may precompute (families that train on them)."""
+        return self.family.image_features(self.model, pixel_values)
+
+    def captioner(self, device: str | None = None) -> Captioner:
+        dev = device or str(next(self.model.parameters()).device)
+        return Captioner(self.model, self.tokenizer, self.image_processor, family=self.family, prompt=self.prompt, device=dev)
+
+    def save(self, path: str | Path) -> None:
+        """A ``save_pretrained`` folder that loads with plain transformers."""
+        self.family.save(self, path)
+
+
 # ----------------------------------------------------------------------------- training loss
 
 
 class CaptionLoss(nn.Module):
     """The summed label-smoothed token cross-entropy of a batch (divide by the global token count).
 
-    Wrapping the model in one module lets DDP and ``torch.compile`` see the whole step. Prefix
-    models take either pixel values ``[B, 3, H, W]`` or precomputed features ``[B, N, D]``.
+    Wrapping the model in one module lets DDP and ``torch.compile`` see the whole step.
     """
 
-    def __init__(self, model: Any, kind: ModelKind, label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: Any, family: type[CaptionerFamily], label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
-        self.kind = kind
+        self.family = family
         self.label_smoothing = label_smoothing
 
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        if self.kind == "encoder-decoder":
-            logits = self.model(
-                pixel_values=images, decoder_input_ids=input_ids, decoder_attention_mask=attention_mask
-            ).logits
-        else:
-            logits = self.prefix_logits(images, input_ids, attention_mask)
-        return F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            labels[:, 1:].reshape(-1),
-            ignore_index=-100,
-            label_smoothing=self.label_smoothing,
-            reduction="sum",
-        )
+        return self.family.loss(self.model, images, input_ids, attention_mask, labels, self.label_smoothing)
 
-    def prefix_logits(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if images.dim() == 4:
-            with torch.no_grad():
-                images = prefix_image_features(self.model, images)
-        embeds = self.model.get_input_embeddings()(input_ids)
-        projected = self.model.model.multi_modal_projector(images.to(embeds.dtype))
-        mask = (input_ids == self.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, projected.to(embeds.dtype))
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    def logits(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.family.logits(self.model, images, input_ids, attention_mask)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -561,11 +753,13 @@ class CaptionLoss(nn.Module):
 class Captioner:
     """Caption PIL images with a trained checkpoint (beam search through ``generate()``)."""
 
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, *, kind: ModelKind, prompt: str, device: str):
+    def __init__(
+        self, model: Any, tokenizer: Any, image_processor: Any, *, family: type[CaptionerFamily], prompt: str, device: str
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.kind = kind
+        self.family = family
         self.prompt = prompt
         self.device = device
 
@@ -598,27 +792,9 @@ class Captioner:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            if self.kind == "encoder-decoder":
-                prompt_ids = self.prompt_ids().to(self.device).expand(len(images), -1)
-                generated = self.model.generate(pixel_values=pixels, decoder_input_ids=prompt_ids, **settings)
-                new = generated[:, prompt_ids.shape[1] :]
-            else:
-                num = self.model.config.image_seq_length
-                text = self.tokenizer([prefix_prompt_text(self.prompt, num)] * len(images), return_tensors="pt")
-                generated = self.model.generate(
-                    input_ids=text["input_ids"].to(self.device),
-                    attention_mask=text["attention_mask"].to(self.device),
-                    pixel_values=pixels.to(self.model.dtype),
-                    **settings,
-                )
-                new = generated[:, text["input_ids"].shape[1] :]
+            new = self.family.generate(self.model, self.tokenizer, pixels, self.prompt, **settings)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [clean_caption(t) for t in texts]
-
-    def prompt_ids(self) -> torch.Tensor:
-        start, _, _ = special_ids(self.tokenizer)
-        ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"] if self.prompt else []
-        return torch.tensor([[start, *ids]], dtype=torch.long)
 
 
 def read_captioner_info(path: Path) -> dict[str, Any]:
@@ -632,15 +808,23 @@ def read_captioner_info(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def load_captioner(path: str, device: str = "auto") -> Captioner:
-    """A captioner from a ``save_pretrained`` folder (VisionEncoderDecoder or Llava checkpoint)."""
-    from transformers import (
-        AutoImageProcessor,
-        AutoTokenizer,
-        LlavaForConditionalGeneration,
-        VisionEncoderDecoderModel,
-    )
+def checkpoint_family(model_type: Any, info: dict[str, Any], folder: Path) -> type[CaptionerFamily]:
+    """The family that loads a checkpoint: the one ``captioner.json`` names when it saves this model
+    type, else the first registered family that does (plain transformers checkpoints)."""
+    named = info.get("preset")
+    if isinstance(named, str) and named in CAPTIONERS and CAPTIONERS.get(named).model_type == model_type:
+        family: type[CaptionerFamily] = CAPTIONERS.get(named)
+        return family
+    for name in CAPTIONERS.names():
+        if CAPTIONERS.get(name).model_type == model_type:
+            family = CAPTIONERS.get(name)
+            return family
+    known = sorted({CAPTIONERS.get(n).model_type for n in CAPTIONERS.names()})
+    raise UserError(f"unsupported captioner model type {model_type!r} in {folder}; known: {', '.join(known)}")
 
+
+def load_captioner(path: str, device: str = "auto") -> Captioner:
+    """A captioner from a ``save_pretrained`` folder of any registered family."""
     from ..executor import resolve_device
 
     folder = Path(path).expanduser()
@@ -652,26 +836,12 @@ def load_captioner(path: str, device: str = "auto") -> Captioner:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{config_file} is not valid JSON: {exc}") from None
     info = read_captioner_info(folder)
+    family = checkpoint_family(model_type, info, folder)
     dev = resolve_device(device)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            processor = AutoImageProcessor.from_pretrained(folder)
-            if model_type == "vision-encoder-decoder":
-                loaded: Any = VisionEncoderDecoderModel.from_pretrained(folder, output_loading_info=True)
-                kind: ModelKind = "encoder-decoder"
-            elif model_type == "llava":
-                loaded = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
-                kind = "prefix"
-            else:
-                raise UserError(f"unsupported captioner model type {model_type!r} in {folder}")
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"cannot load captioner from {folder}: {str(exc).splitlines()[0]}") from None
-    model, loading = loaded
-    check_all_weights_loaded(str(folder), loading, "captioner checkpoint")
+    model, tokenizer, processor = family.load(folder)
     prompt = str(info.get("prompt", DEFAULT_PROMPT if info else ""))
     model.to(dev).eval()
-    return Captioner(model, tokenizer, processor, kind=kind, prompt=prompt, device=dev)
+    return Captioner(model, tokenizer, processor, family=family, prompt=prompt, device=dev)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -1,4 +1,9 @@
-"""Text embedders: sentence-transformers models and CLIP text towers, L2-normalised float32."""
+"""Text embedders: sentence-transformers models and CLIP text towers, L2-normalised float32.
+
+Each is registered by kind in :data:`icsd.backends.registry.EMBEDDERS`; :func:`load_embedder`
+builds the kind asked for, or with ``kind="auto"`` the first whose ``claims(path)`` accepts the
+model (else the first registered one).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import UserError
+from .registry import EMBEDDERS
 
 MINILM_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 
@@ -37,8 +43,8 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def detect_kind(name: str) -> str:
-    """``clip`` for CLIP models (by local config or id), else ``sentence-transformers``."""
+def is_clip_model(name: str) -> bool:
+    """A CLIP model, by its local config or by its id, and not a sentence-transformers folder."""
     path = Path(name)
     cfg_file = path / "config.json"
     if cfg_file.is_file():
@@ -47,10 +53,17 @@ def detect_kind(name: str) -> str:
         except (json.JSONDecodeError, OSError):
             model_type = ""
         if model_type.startswith("clip"):
-            return "clip"
-        if (path / "modules.json").is_file():
-            return "sentence-transformers"
-    return "clip" if "clip" in name.lower() and not (path / "modules.json").exists() else "sentence-transformers"
+            return True
+    return "clip" in name.lower() and not (path / "modules.json").exists()
+
+
+def detect_kind(name: str) -> str:
+    """The first registered kind that claims ``name``; else the first registered (sentence-transformers)."""
+    for kind in EMBEDDERS.names():
+        claims = getattr(EMBEDDERS.get(kind), "claims", None)
+        if claims is not None and claims(name):
+            return kind
+    return EMBEDDERS.names()[0]
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -68,6 +81,8 @@ def _load_error(name: str, exc: Exception) -> UserError:
 
 
 class SentenceTransformerEmbedder:
+    """Any sentence-transformers model (the default MiniLM id resolves to its packaged copy)."""
+
     def __init__(self, name: str, device: str = "cpu", batch_size: int = 256) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -107,10 +122,13 @@ class SentenceTransformerEmbedder:
 class CLIPTextEmbedder:
     """A CLIP text tower with its projection (``CLIPTextModelWithProjection``)."""
 
+    claims = staticmethod(is_clip_model)
+
     def __init__(self, name: str, device: str = "cpu", batch_size: int = 256) -> None:
         import torch
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+        name = resolve_model_path(name)
         self.name = name
         self.device = device
         self.batch_size = batch_size
@@ -151,8 +169,7 @@ class CLIPTextEmbedder:
 
 
 def load_embedder(name: str, kind: str = "auto", device: str = "cpu", batch_size: int = 256) -> Embedder:
-    resolved = resolve_model_path(name)
-    chosen = detect_kind(resolved) if kind == "auto" else kind
-    if chosen == "clip":
-        return CLIPTextEmbedder(resolved, device=device, batch_size=batch_size)
-    return SentenceTransformerEmbedder(name, device=device, batch_size=batch_size)
+    """The embedder of ``kind`` (a registered name, or ``auto``: detected from the model) for ``name``."""
+    chosen = detect_kind(resolve_model_path(name)) if kind == "auto" else kind
+    embedder: Embedder = EMBEDDERS.get(chosen)(name, device=device, batch_size=batch_size)
+    return embedder

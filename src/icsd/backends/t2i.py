@@ -1,4 +1,6 @@
-"""Text-to-image backend: any diffusers pipeline by hub id or local folder.
+"""Text-to-image backends: any diffusers pipeline by hub id or local folder (``diffusers``), and
+a tiny random-weight one built on the spot (``tiny-random``), both registered in
+:data:`icsd.backends.registry.T2I_BACKENDS`.
 
 One :class:`T2IPipeline` per device. Every image gets its own ``torch.Generator`` seeded from the
 global seed and the item id (:func:`item_seed`), so an item's pixels do not depend on the batch
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
+from .registry import T2I_BACKENDS
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +55,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 TINY_MODEL_NAME = "tiny-random"
+TINY_CACHE_NAME = "tiny-random-sd"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class T2ISpec:
     """What to load and how: everything that fixes a pipeline on one device."""
 
     model: str
+    backend: str = "diffusers"
     dtype: str = "auto"
     scheduler: str = "dpm++"
     safety_checker: bool = True
@@ -303,6 +308,56 @@ def load_pipeline(spec: T2ISpec, device: str) -> T2IPipeline:
     return T2IPipeline(pipe, spec, device, dtype)
 
 
+# ----------------------------------------------------------------------------- registered backends
+
+
+class DiffusersBackend:
+    """Any diffusers text-to-image pipeline (hub id or folder) through ``AutoPipelineForText2Image``.
+
+    A backend is three static methods: :meth:`prepare` (what to load, checked or built now, in the
+    main process), :meth:`model_label` (the model name the samples record; it must change whenever
+    the pixels would) and :meth:`load` (a generator on one device, in each worker). The generator
+    answers ``generate(prompts, seeds, steps=, guidance=, width=, height=, negative_prompt=)`` with a
+    :class:`Rendered` (image ``i`` from ``seeds[i]`` alone) and tells ``has_safety_checker``,
+    ``pipeline_class``, ``scheduler_name`` and ``device``, as :class:`T2IPipeline` does.
+    """
+
+    untrained = False
+
+    @staticmethod
+    def prepare(model: str, cache: Path) -> str:
+        check_model_available(model)
+        return model
+
+    @staticmethod
+    def model_label(model: str) -> str:
+        return model
+
+    @staticmethod
+    def load(spec: T2ISpec, device: str) -> T2IPipeline:
+        return load_pipeline(spec, device)
+
+
+class TinyRandomBackend(DiffusersBackend):
+    """A tiny untrained Stable Diffusion pipeline built once into ``cache`` (offline demos, tests);
+    ``model`` is ignored and its images carry no meaning."""
+
+    untrained = True
+
+    @staticmethod
+    def prepare(model: str, cache: Path) -> str:
+        return str(ensure_tiny_pipeline(cache / TINY_CACHE_NAME))
+
+    @staticmethod
+    def model_label(model: str) -> str:
+        return TINY_MODEL_NAME
+
+
+def load_generator(spec: T2ISpec, device: str) -> Any:
+    """The generator of ``spec.backend`` for ``spec.model`` on ``device``."""
+    return T2I_BACKENDS.get(spec.backend).load(spec, device)
+
+
 _loaded: dict[tuple[T2ISpec, str], T2IPipeline] = {}
 _keep_loaded = False
 
@@ -317,13 +372,13 @@ def keep_pipelines_loaded(enabled: bool = True) -> None:
 
 
 def cached_pipeline(spec: T2ISpec, device: str) -> T2IPipeline:
-    """:func:`load_pipeline`, reusing the last one when :func:`keep_pipelines_loaded` is on."""
+    """:func:`load_generator`, reusing the last one when :func:`keep_pipelines_loaded` is on."""
     if not _keep_loaded:
-        return load_pipeline(spec, device)
+        return load_generator(spec, device)  # type: ignore[no-any-return]
     key = (spec, device)
     if key not in _loaded:
         _loaded.clear()
-        _loaded[key] = load_pipeline(spec, device)
+        _loaded[key] = load_generator(spec, device)
     return _loaded[key]
 
 
