@@ -89,7 +89,7 @@ def write_shards(run_root: Path, images: int, render_size: int, shard_size: int 
     re-encoded under distinct keys), five long captions per image, plus pairs.parquet."""
     from PIL import Image
 
-    from icsd.records import Pair, to_table
+    from icsd.records import Pair, SampleMeta, to_table
     from icsd.store import RunDir, atomic_path, mark_done, write_parquet
 
     run = RunDir.at(run_root)
@@ -114,8 +114,9 @@ def write_shards(run_root: Path, images: int, render_size: int, shard_size: int 
         with atomic_path(run.images / name) as tmp, tarfile.open(tmp, "w") as tar:
             for i in range(start, min(images, start + shard_size)):
                 key = f"img{i:07d}"
-                meta = json.dumps({"id": key, "prompt_source": "summary", "summary": captions[5 * i], "nsfw": False})
-                for member, data in ((f"{key}.jpg", encoded[i % len(encoded)]), (f"{key}.json", meta.encode())):
+                meta = SampleMeta(id=key, summary=captions[5 * i], seed=0, model="real-photo", steps=0, guidance=0.0,
+                                  width=render_size, height=render_size, nsfw=False)  # fmt: skip
+                for member, data in ((f"{key}.jpg", encoded[i % len(encoded)]), (f"{key}.json", meta.to_json())):
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

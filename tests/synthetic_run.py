@@ -11,9 +11,8 @@ import json
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-from icsd.records import Caption, Selection, to_table
+from icsd.records import Caption, SampleMeta, Selection, to_table
 from icsd.store import RunDir, atomic_path, mark_done, safe_key, write_parquet
 
 
@@ -30,29 +29,29 @@ def coco_items(captions_json: Path, images_dir: Path, n: int) -> list[tuple[Path
     return out
 
 
-def sample_meta(item_id: str, prompt: str, source: str = "summary", nsfw: bool | None = False) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "prompt_source": source,
-        "summary": prompt,
-        "seed": 0,
-        "model": "real-coco-photo",
-        "scheduler": "none",
-        "steps": 0,
-        "guidance": 0.0,
-        "width": 0,
-        "height": 0,
-        "nsfw": nsfw,
-        "safety_checker": nsfw is not None,
-    }
+def sample_meta(item_id: str, prompt: str, source: str = "summary", nsfw: bool | None = False) -> SampleMeta:
+    return SampleMeta(
+        id=item_id,
+        prompt_source=source,
+        summary=prompt,
+        seed=0,
+        model="real-coco-photo",
+        scheduler="none",
+        steps=0,
+        guidance=0.0,
+        width=0,
+        height=0,
+        nsfw=nsfw,
+        safety_checker=nsfw is not None,
+    )
 
 
-def write_shard(path: Path, samples: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+def write_shard(path: Path, samples: list[tuple[str, bytes, SampleMeta]]) -> None:
     """A webdataset shard of (item_id, jpeg bytes, json meta) samples plus its done-marker."""
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for item_id, jpg, meta in samples:
             key = safe_key(item_id)
-            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", json.dumps(meta).encode())):
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta.to_json())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 info.mode = 0o644

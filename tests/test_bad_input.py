@@ -8,6 +8,7 @@ checkpoints of another model.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -164,7 +165,7 @@ def hostile_run(root: Path) -> RunDir:
     write_parquet(to_table(selections, Selection), run.selections)
     image = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(image, format="JPEG")
-    meta = {**sample_meta("c0", HOSTILE[0]), "model": HOSTILE[1], "seed": HOSTILE[3]}
+    meta = dataclasses.replace(sample_meta("c0", HOSTILE[0]), model=HOSTILE[1], seed=HOSTILE[3])
     write_shard(run.images / "shard-00000.tar", [("c0", image.getvalue(), meta)])
     run.update_manifest("summarize", {"config": {"model": HOSTILE[0], "prompt": HOSTILE[4]},
                                       "counts": {"ok": 1, HOSTILE[1]: 1}, "complete": True})  # fmt: skip
@@ -296,28 +297,45 @@ def test_caption_skips_broken_images_and_reads_unusual_ones(
     assert np.asarray(open_image(tmp_path / "imgs" / "cmyk.jpg")).shape == (48, 64, 3)
 
 
-def test_evaluate_with_an_unreadable_image_is_one_line(
+def test_evaluate_skips_an_unreadable_image_counts_it_and_says_so(
     tiny_captioner: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     images = tmp_path / "images"
     shutil.copytree(QUICKSTART_IMAGES, images)
     victim = sorted(images.glob("*.jpg"))[2]
     victim.write_bytes(b"")
+    out = tmp_path / "scores.json"
     code, _, err = icsd(capsys, "evaluate", "--model", tiny_captioner, "--images", images, "--references",
-                        QUICKSTART_REFERENCES, "--metrics", "BLEU", "--min-new-tokens", "1", "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
-    assert_one_line_error(code, err, "cannot read image", victim.name)
+                        QUICKSTART_REFERENCES, "--metrics", "BLEU", "--min-new-tokens", "1", "--max-new-tokens", "4",
+                        "--device", "cpu", "--out", out)  # fmt: skip
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    n = len(list(images.glob("*.jpg")))
+    notes = [ln for ln in err.splitlines() if "could not be read" in ln]
+    assert len(notes) == 1 and f"1 of {n} images" in notes[0] and victim.name in notes[0], err[-3000:]
+    scores = json.loads(out.read_text())
+    assert scores["n_images"] == n - 1  # only what was captioned is scored
+    assert scores["selection"]["unreadable_images"] == 1 and scores["selection"]["subset"] is True
+    assert victim.name in scores["selection"]["unreadable_examples"][0]
+    predictions = json.loads(out.with_name("scores.predictions.json").read_text())
+    assert len(predictions) == n - 1
 
 
 def test_validation_images_of_every_kind(tmp_path: Path) -> None:
-    from icsd.training.validation import ValSet, readable
+    from icsd.training.validation import ValSet, caption_valset
+
+    class Echo:
+        def caption(self, images: list[Any], **_: Any) -> list[str]:
+            return [f"{im.mode} {im.size[0]}x{im.size[1]}" for im in images]
 
     expected = odd_images(tmp_path / "val")
     names = sorted(expected)
     valset = ValSet("user", names, [tmp_path / "val" / n for n in names], [["a caption"]] * len(names))
-    kept, bad = readable(valset)
-    assert sorted(bad) == sorted(n for n, w in expected.items() if w == "skip")
-    assert sorted(kept.ids) == sorted(n for n, w in expected.items() if w == "ok")
-    gray = np.asarray(kept.load(kept.ids.index("gray16.png")))
+    done = caption_valset(Echo(), valset, range(len(valset)), beams=1, min_new_tokens=1, max_new_tokens=4, batch_size=3)
+    assert sorted(names[j] for j, _ in done.skipped) == sorted(n for n, w in expected.items() if w == "skip")
+    assert sorted(names[j] for j, _ in done.captions) == sorted(n for n, w in expected.items() if w == "ok")
+    assert all(text.startswith("RGB ") for _, text in done.captions)
+    assert done.note("validation images") is not None
+    gray = np.asarray(valset.load(names.index("gray16.png")))
     assert 100 < gray.mean() < 155
 
 

@@ -39,6 +39,7 @@ def test_compare_lists_only_differing_settings_and_all_runs(tmp_path: Path) -> N
     assert rows[0]["ok_summaries"] == 90 and rows[1]["group.k"] == 10
     md = to_markdown(columns, rows)
     assert "| firstn | 30 | first-n | 100 | 95 | 95 | 570 |  |  |" in md
+    assert md.splitlines()[-1] == "Scores: pycocoevalcap's 0-1 scale (papers print them x100)."
     parsed = list(csv.DictReader(io.StringIO(to_csv(columns, rows))))
     assert parsed[1]["coco-karpathy-test/CIDEr"] == "0.6400"
     assert json.loads(to_json(columns, rows))["rows"][0]["coco-karpathy-test/Bleu_4"] == 0.21

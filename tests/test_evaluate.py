@@ -10,16 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from icsd import metrics
-from icsd.benchmarks import (
-    count_note,
-    detect_format,
-    load_predictions,
-    load_references,
-    predictions_json,
-)
 from icsd.cli import app
 from icsd.config import EvaluateConfig
 from icsd.errors import UserError
+from icsd.eval_sets import count_note, load_references
+from icsd.formats import detect_format, load_predictions, predictions_json
 from icsd.metrics import score_captions
 from icsd.stages import evaluate as stage
 from icsd.store import RunDir, sha256_file
@@ -296,7 +291,7 @@ def test_stage_writes_run_outputs(tmp_path: Path, karpathy_coco: Path) -> None:
     assert manifest["benchmark"] == "coco-karpathy-test"
     assert manifest["scores"]["CIDEr"] == scores["CIDEr"]
     assert "| coco-karpathy-test | 2 |" in result.table
-    assert result.table.splitlines()[0].startswith("| benchmark | images | BLEU-1 |")
+    assert result.table.splitlines()[0].startswith("| benchmark | images | 0-1 scale: BLEU-1 |")
 
 
 def test_nocaps_per_domain_arithmetic(tmp_path: Path, nocaps: Path) -> None:

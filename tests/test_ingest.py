@@ -59,7 +59,7 @@ def test_flickr_token_detected(tmp_path: Path) -> None:
     f.write_text("1000092795.jpg#0\tTwo young guys with shaggy hair .\n1000092795.jpg#1\tTwo friends enjoy time .\n")
     caps, _ = run_ingest(tmp_path, f)
     assert [c.caption_id for c in caps] == ["1000092795.jpg#0", "1000092795.jpg#1"]
-    assert caps[0].image_id == "1000092795.jpg"
+    assert caps[0].image_id == "1000092795"  # the file name stem (icsd.formats id rule)
 
 
 def test_txt_blank_lines_control_chars_and_bom(tmp_path: Path) -> None:

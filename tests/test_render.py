@@ -17,7 +17,7 @@ import pytest
 
 from icsd.backends import t2i
 from icsd.config import RenderConfig
-from icsd.records import Caption, Selection, to_table
+from icsd.records import Caption, SampleMeta, Selection, to_table
 from icsd.stages import render
 from icsd.store import RunDir, is_done, read_marker, safe_key, write_parquet
 
@@ -70,11 +70,11 @@ def cfg_for(model: Path, **kw: Any) -> RenderConfig:
     return RenderConfig(**{**base, **kw})
 
 
-def read_samples(run: RunDir) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+def read_samples(run: RunDir) -> dict[str, tuple[SampleMeta, np.ndarray]]:
     """key -> (sample json, decoded pixels) over every done shard."""
     from PIL import Image
 
-    out: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+    out: dict[str, tuple[SampleMeta, np.ndarray]] = {}
     for shard in sorted(run.images.glob("shard-*.tar")):
         assert is_done(shard)
         with tarfile.open(shard) as tar:
@@ -83,7 +83,7 @@ def read_samples(run: RunDir) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
             key, ext = name.rsplit(".", 1)
             if ext == "json":
                 continue
-            meta = json.loads(members[f"{key}.json"])
+            meta = SampleMeta.from_json(members[f"{key}.json"], key)
             out[key] = (meta, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     return out
 
@@ -148,6 +148,7 @@ def test_shards_layout_and_sample_json(tiny_sd: Path, tmp_path: Path) -> None:
         "safety_checker": True,
         "untrained": False,
     }
+    assert SampleMeta.from_json(by_id[ODD_ID]["json"]).to_json() == by_id[ODD_ID]["json"]  # one record, both ways
     from PIL import Image
 
     image = Image.open(io.BytesIO(by_id["g0"]["jpg"]))
@@ -299,7 +300,7 @@ def test_changed_settings_rerender_and_stale_shards_go(
     render.run(cfg_for(tiny_sd, steps=1, limit=3), run)
     assert counter.items == 3
     assert sorted(p.name for p in run.images.glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
-    assert {m["steps"] for m, _ in read_samples(run).values()} == {1}
+    assert {m.steps for m, _ in read_samples(run).values()} == {1}
 
 
 # ----------------------------------------------------------------------------- NSFW
@@ -311,7 +312,7 @@ def test_safety_checker_flag_is_recorded(flagging_sd: Path, tiny_sd: Path, tmp_p
     result = render.run(cfg_for(flagging_sd), run)
     samples = read_samples(run)
     assert result.counts["nsfw"] == 3
-    assert all(m["nsfw"] is True and m["safety_checker"] is True for m, _ in samples.values())
+    assert all(m.nsfw is True and m.safety_checker is True for m, _ in samples.values())
     assert all(px.max() <= 8 for _, px in samples.values())  # the pipeline blacks flagged images out
     assert read_marker(run.images / "shard-00000.tar")["nsfw"] == 2  # type: ignore[index]
 
@@ -320,7 +321,7 @@ def test_safety_checker_flag_is_recorded(flagging_sd: Path, tiny_sd: Path, tmp_p
     result = render.run(cfg_for(flagging_sd, safety_checker=False), off)
     samples = read_samples(off)
     assert "nsfw" not in result.counts
-    assert all(m["nsfw"] is None and m["safety_checker"] is False for m, _ in samples.values())
+    assert all(m.nsfw is None and m.safety_checker is False for m, _ in samples.values())
     assert all(px.max() > 8 for _, px in samples.values())
 
 
@@ -337,8 +338,8 @@ def test_caption_prompts_limit_sample_and_webp(tiny_sd: Path, tmp_path: Path) ->
     samples = read_samples(run)
     assert sorted(samples) == ["c0", "c1", "c2"]
     meta = samples["c1"][0]
-    assert meta["prompt_source"] == "caption" and meta["summary"] == "caption number 1"
-    assert meta["seed"] == t2i.item_seed(0, "c1")
+    assert meta.prompt_source == "caption" and meta.summary == "caption number 1"
+    assert meta.seed == t2i.item_seed(0, "c1")
     with tarfile.open(run.images / "shard-00000.tar") as tar:
         assert sorted(tar.getnames()) == ["c0.json", "c0.webp", "c1.json", "c1.webp"]
 
@@ -357,7 +358,7 @@ def test_tiny_random_builds_into_the_run_cache(tmp_path: Path) -> None:
     result = render.run(RenderConfig(tiny_random=True, steps=1, size=SIZE, batch_size=1), run)
     assert (run.cache / t2i.TINY_CACHE_NAME / "model_index.json").is_file()
     meta = read_samples(run)["g0"][0]
-    assert meta["untrained"] is True and meta["model"] == t2i.TINY_MODEL_NAME
+    assert meta.untrained is True and meta.model == t2i.TINY_MODEL_NAME
     assert any("untrained" in n for n in result.notes)
 
 
@@ -429,4 +430,4 @@ def test_cli_renders_with_a_model_path(
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("render: images 3") and out[-1].endswith(str(run.images))
     meta = read_samples(run)["g2"][0]
-    assert meta["seed"] == t2i.item_seed(5, "g2") and meta["nsfw"] is None and meta["safety_checker"] is False
+    assert meta.seed == t2i.item_seed(5, "g2") and meta.nsfw is None and meta.safety_checker is False

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from icsd.config import ReportConfig
-from icsd.records import Candidate, Caption, Selection, to_table
+from icsd.records import Candidate, Caption, SampleMeta, Selection, to_table
 from icsd.stages import report
 from icsd.store import RunDir, atomic_write_json, mark_done, write_parquet
 
@@ -45,8 +45,8 @@ def make_run(tmp_path: Path) -> RunDir:
     img.save(buf, format="JPEG")
     with tarfile.open(shard, "w") as tar:
         add_member(tar, "1.jpg", buf.getvalue())
-        meta = {"id": "1", "summary": "A dog", "seed": 1234, "model": "tiny", "nsfw": False}
-        add_member(tar, "1.json", json.dumps(meta).encode())
+        meta = SampleMeta(id="1", summary="A dog", seed=1234, model="tiny", steps=1, guidance=7.5, width=64, height=64, nsfw=False)
+        add_member(tar, "1.json", meta.to_json())
     mark_done(shard, {"count": 1})
     run.update_manifest("render", {"config": {"tiny_random": True}, "counts": {"images": 1}, "complete": True})
     run.update_manifest("summarize", {"config": {"model": EVIL}, "counts": {"ok": 1, "invalid": 1}, "complete": True})

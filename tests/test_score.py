@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from icsd.backends.embedders import load_embedder
 from icsd.config import ScoreConfig
 from icsd.errors import UserError
-from icsd.records import Caption, Selection, to_table
+from icsd.records import Caption, SampleMeta, Selection, to_table
 from icsd.stages import score
 from icsd.store import RunDir, mark_done, write_parquet
 
@@ -37,7 +36,8 @@ def make_run(tmp_path: Path, coco_images: Path) -> RunDir:
     with tarfile.open(shard, "w") as tar:
         for key, src, jpg in [("0", "summary", jpgs[0]), ("3", "summary", jpgs[1]), ("5", "caption", jpgs[2])]:
             add(tar, f"{key}.jpg", jpg.read_bytes())
-            add(tar, f"{key}.json", json.dumps({"id": key, "prompt_source": src, "summary": "p"}).encode())
+            meta = SampleMeta(key, "p", 0, "m", 1, 7.5, 64, 64, None, prompt_source=src)
+            add(tar, f"{key}.json", meta.to_json())
     mark_done(shard, {"count": 3})
     (run.images / "shard-00001.tar").write_bytes(b"truncated, no marker")
     return run

@@ -58,7 +58,7 @@ def test_uni_context_baseline(tmp_path: Path, coco_slice: Path, server: ChatServ
     by_key = {safe_key(cid): text for cid, text in captions.items()}
     assert all(by_key[p["image_key"]] == p["caption"] for p in pairs)
     for s in samples(res.run.root):
-        assert s.meta["prompt_source"] == "caption" and s.meta["seed"] == item_seed(3, s.item_id)
+        assert s.meta.prompt_source == "caption" and s.meta.seed == item_seed(3, s.item_id)
 
 
 def test_no_selection_first_n(tmp_path: Path, coco_slice: Path, server: ChatServer) -> None:
@@ -70,7 +70,7 @@ def test_no_selection_first_n(tmp_path: Path, coco_slice: Path, server: ChatServ
     kinds = Counter(p["kind"] for p in pq.read_table(res.run.pairs).to_pylist())
     assert kinds == {"selected": 5 * len(sels)}
     for s in samples(res.run.root):
-        assert s.meta["prompt_source"] == "summary" and s.meta["seed"] == item_seed(3, s.item_id)
+        assert s.meta.prompt_source == "summary" and s.meta.seed == item_seed(3, s.item_id)
 
 
 def test_selected_and_summary_pairs_and_compare(tmp_path: Path, coco_slice: Path, server: ChatServer) -> None:

@@ -3,29 +3,105 @@
 Inputs are files, globs or folders. Files that are missing, corrupt or not images are reported
 and skipped; the rest are captioned in batches. Output is JSON lines (``{"image", "caption"}``) or
 the COCO results format (``[{"image_id", "caption"}]``), to a file or to stdout.
+
+:func:`caption_batched` is the one batched captioning loop of icsd (``icsd caption``, ``icsd
+evaluate --model`` and the training validation all use it), with one bad-image policy: an image
+that cannot be read is skipped (never captioned, never scored), counted, and named in one note.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Generic, Literal, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .formats import image_id_from_file
 from .images import to_rgb
 from .store import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 OutputFormat = Literal["jsonl", "coco"]
+T = TypeVar("T")
+# What reading a broken, truncated, huge or non-image file raises.
+BAD_IMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+@dataclass
+class Captioned(Generic[T]):
+    """What :func:`caption_batched` made: ``(item, caption)`` in input order, and the items it
+    skipped with the reason."""
+
+    captions: list[tuple[T, str]] = field(default_factory=list)
+    skipped: list[tuple[T, str]] = field(default_factory=list)
+
+    def note(self, what: str = "images") -> str | None:
+        """One line saying how many images were skipped and why (None when none were)."""
+        return skipped_note(len(self.skipped), len(self.captions) + len(self.skipped), self.skipped, what)
+
+
+def skip_reason(exc: BaseException) -> str:
+    return "not an image or corrupt" if isinstance(exc, UnidentifiedImageError) else str(exc) or type(exc).__name__
+
+
+def skipped_note(n: int, total: int, examples: Sequence[tuple[Any, str]], what: str = "images") -> str | None:
+    if not n:
+        return None
+    shown = "; ".join(f"{item}: {reason}" for item, reason in examples[:3])
+    return f"note: {n} of {total} {what} could not be read and were skipped, not captioned or scored (e.g. {shown})"
+
+
+def caption_batched(
+    captioner: Any,
+    items: Sequence[T],
+    load: Callable[[T], Image.Image],
+    *,
+    beams: int = 3,
+    min_new_tokens: int = 5,
+    max_new_tokens: int = 30,
+    batch_size: int = 32,
+    on_skip: Callable[[T, str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Captioned[T]:
+    """Caption ``items`` in batches of ``batch_size``; ``load(item)`` gives the image. An item
+    whose image cannot be read is skipped and counted (``on_skip`` hears of it at once)."""
+    out: Captioned[T] = Captioned()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch: list[tuple[T, Image.Image]] = []
+        for item in chunk:
+            try:
+                batch.append((item, load(item)))
+            except BAD_IMAGE_ERRORS as exc:
+                reason = skip_reason(exc)
+                out.skipped.append((item, reason))
+                if on_skip is not None:
+                    on_skip(item, reason)
+        if batch:
+            texts = captioner.caption(
+                [im for _, im in batch],
+                beams=beams,
+                min_new_tokens=min_new_tokens,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+            out.captions += [(item, text) for (item, _), text in zip(batch, texts, strict=True)]
+        if progress is not None:
+            progress(len(chunk))
+    return out
 
 
 @dataclass
@@ -69,9 +145,10 @@ def open_image(path: Path) -> Image.Image:
 
 
 def coco_image_id(path: Path) -> int | str:
-    """COCO-style ids: the trailing digits of the file name (``COCO_val2014_000000391895.jpg`` -> 391895)."""
-    m = re.search(r"(\d+)$", path.stem)
-    return int(m.group(1)) if m else path.stem
+    """The id :mod:`icsd.formats` gives an image file (``COCO_val2014_000000391895.jpg`` -> 391895),
+    as an integer when it is one, as COCO results files have it."""
+    key = image_id_from_file(path)
+    return int(key) if key.isdigit() else key
 
 
 def format_output(captions: list[tuple[Path, str]], fmt: OutputFormat) -> str:
@@ -109,30 +186,23 @@ def caption_files(
     if not paths:
         raise UserError("no image files found in the given inputs")
     captioner = load_captioner(model, device)
-    captions: list[tuple[Path, str]] = []
     bar = tqdm(total=len(paths), desc="caption", unit="img", disable=None, file=sys.stderr)
     try:
-        for i in range(0, len(paths), batch_size):
-            batch: list[tuple[Path, Image.Image]] = []
-            for p in paths[i : i + batch_size]:
-                try:
-                    batch.append((p, open_image(p)))
-                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-                    reason = "not an image or corrupt" if isinstance(exc, UnidentifiedImageError) else str(exc)
-                    skipped.append((str(p), reason))
-                    say(f"skipped {p}: {reason}")
-            if batch:
-                texts = captioner.caption(
-                    [im for _, im in batch],
-                    beams=beams,
-                    min_new_tokens=min_new_tokens,
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                )
-                captions += [(p, t) for (p, _), t in zip(batch, texts, strict=True)]
-            bar.update(len(paths[i : i + batch_size]))
+        done = caption_batched(
+            captioner,
+            paths,
+            open_image,
+            beams=beams,
+            min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            on_skip=lambda p, reason: say(f"skipped {p}: {reason}"),
+            progress=bar.update,
+        )
     finally:
         bar.close()
+    captions = done.captions
+    skipped += [(str(p), reason) for p, reason in done.skipped]
     if not captions:
         raise UserError(f"none of the {len(paths)} files could be read as an image")
     text = format_output(captions, fmt)

@@ -2,6 +2,7 @@
 
 Settings come from each run's manifest (the resolved config each stage ran with); scores from
 ``RUN/eval/*/scores.json`` (NoCaps per domain). Runs without scores still get a row with counts.
+Scores are shown as the files hold them, on pycocoevalcap's 0-1 scale (:data:`icsd.metrics.SCALE_LABEL`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .metrics import SCALE_LABEL, format_score
 from .store import RunDir
 
 COUNT_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -108,7 +110,7 @@ def _cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return format_score(v)
     return str(v)
 
 
@@ -116,7 +118,9 @@ def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     head = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+    scored = any(c.rpartition("/")[2] in SCORE_ORDER for c in columns)
+    note = [f"\nScores: pycocoevalcap's {SCALE_LABEL} (papers print them x100)."] if scored else []
+    return "\n".join([head, sep, *body, *note])
 
 
 def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:

@@ -52,7 +52,8 @@ def load_references(path: str | Path, *, benchmark: str | None = None, split: st
     fmt = detect_format(data, p)
     if fmt == "jsonl":
         raise UserError(
-            f"{p}: a list of records is not a benchmark file (Karpathy, NoCaps or COCO captions JSON)"
+            f"{p} is not a caption annotation file: expected a JSON object with 'images' "
+            "(Karpathy split, NoCaps or COCO captions format), not a list"
         )
     if spec is not None and spec.format != fmt:
         raise UserError(f"benchmark {benchmark} needs a {spec.format} file, but {p} is in {fmt} format")

@@ -12,6 +12,9 @@ Every number comes from pycocoevalcap's own scorers and jars, so corpus and per-
 - SPICE runs pycocoevalcap's ``spice-1.0.jar`` with Stanford CoreNLP 3.6.0 jars from a configured
   folder; its temp and parse-cache files go to the user cache dir. Without the jars it is skipped
   with a note.
+
+Scores are on pycocoevalcap's 0-1 scale everywhere (files, tables, report, compare, training logs):
+see :data:`SCALE_LABEL`; papers print them x100.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
 }
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_KEYS)
 SCORE_KEYS: tuple[str, ...] = tuple(k for keys in METRIC_KEYS.values() for k in keys)
+# One scale for every score icsd writes or shows: pycocoevalcap's own 0-1 (CIDEr may exceed 1).
+# Papers print the same numbers x100.
+SCALE_LABEL = "0-1 scale"
+
+
+def format_score(value: float) -> str:
+    """A score as every table shows it: pycocoevalcap's 0-1 scale, four decimals."""
+    return f"{value:.4f}"
 
 _ALIASES = {
     "bleu": "BLEU",

@@ -6,8 +6,9 @@ another stage's files except through the readers here and in :mod:`icsd.store`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -63,22 +64,73 @@ class Pair:
 
 
 @dataclass(frozen=True)
-class ImageSample:
-    """One rendered sample of an ``images/shard-*.tar`` webdataset shard.
+class SampleMeta:
+    """The ``<key>.json`` member of a rendered sample in ``images/shard-*.tar``: what was drawn
+    (``summary``: the prompt; ``prompt_source``: summary | caption) and how (seed, model,
+    scheduler, steps, guidance, size, negative prompt), and the NSFW flag (``None`` when no
+    safety checker ran). Written only by :meth:`to_json`, read only by :meth:`from_json`."""
 
-    ``meta`` is the sample's JSON: id, prompt_source (summary | caption), summary (the prompt),
-    seed, model, scheduler, steps, guidance, width, height, nsfw, safety_checker.
-    """
+    id: str
+    summary: str
+    seed: int
+    model: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    nsfw: bool | None
+    prompt_source: str = "summary"
+    scheduler: str | None = None
+    negative_prompt: str | None = None
+    safety_checker: bool = False
+    untrained: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str | dict[str, Any], key: str | None = None) -> SampleMeta:
+        """Parse a sample's JSON; ``key`` (the sample's ``__key__``) stands in for a missing ``id``.
+        Unknown fields are ignored; a missing required one is a :class:`ValueError`."""
+        raw = data if isinstance(data, dict) else json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError(f"sample JSON is not an object: {str(raw)[:80]}")
+        if "id" not in raw and key is not None:
+            raw = {**raw, "id": key}
+        names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in raw and f.default is MISSING]
+        if missing:
+            raise ValueError(f"sample JSON lacks {', '.join(missing)}")
+        values = {k: v for k, v in raw.items() if k in names}
+        values["id"] = str(values["id"])
+        values["summary"] = "" if values["summary"] is None else str(values["summary"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """One rendered sample of an ``images/shard-*.tar`` webdataset shard: its key, its shard, its
+    :class:`SampleMeta` and (when read) the encoded image."""
 
     key: str
     shard: str
-    meta: dict[str, Any]
+    meta: SampleMeta
     image: bytes | None = None
     image_ext: str | None = None
 
     @property
     def item_id(self) -> str:
-        return str(self.meta.get("id", self.key))
+        return self.meta.id
+
+    def to_json(self) -> bytes:
+        """The sample's ``.json`` member."""
+        return self.meta.to_json()
+
+    @classmethod
+    def from_json(
+        cls, key: str, shard: str, data: bytes | str, image: bytes | None = None, image_ext: str | None = None
+    ) -> ImageSample:
+        return cls(key, shard, SampleMeta.from_json(data, key), image, image_ext)
 
 
 CAPTIONS_SCHEMA = pa.schema(

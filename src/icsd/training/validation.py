@@ -1,28 +1,31 @@
 """The validation split that picks the best checkpoint, and its scores (CIDEr + BLEU-4).
 
-Either a held-out split the user gives (an image folder plus COCO, Karpathy or JSON-lines
-captions) or, for a strictly synthetic run, a held-out share of the synthetic images with their
-pair captions. Never the test split. Scores come from pycocoevalcap's Bleu and Cider scorers on
-lower-cased, punctuation-stripped text.
+Either a held-out split the user gives (an image folder plus COCO, Karpathy (split ``val``) or
+JSON-lines captions, read by :mod:`icsd.formats`, so its image ids are the ones ingest and
+evaluate give) or, for a strictly synthetic run, a held-out share of the synthetic images with
+their pair captions. Never the test split. Images are captioned by :func:`icsd.caption.caption_batched`:
+an image that cannot be read is skipped, counted and noted. Scores come from pycocoevalcap's Bleu
+and Cider scorers on lower-cased, punctuation-stripped text, on pycocoevalcap's 0-1 scale.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import re
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..caption import Captioned, caption_batched
 from ..errors import UserError
+from ..formats import load_reference_file
 from ..images import to_rgb
+from ..metrics import SCALE_LABEL, format_score
 from ..store import iter_shard_samples
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -50,62 +53,25 @@ class ValSet:
 # ----------------------------------------------------------------------------- user split
 
 
-def read_reference_file(path: Path) -> dict[str, list[str]]:
-    """Image file name -> captions, from COCO captions JSON, Karpathy JSON (split 'val') or JSON lines."""
-    if not path.is_file():
-        raise UserError(f"validation captions file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    refs: dict[str, list[str]] = defaultdict(list)
-    try:
-        if path.suffix == ".jsonl":
-            for line in text.splitlines():
-                if line.strip():
-                    add_jsonl_record(refs, json.loads(line))
-            return dict(refs)
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"validation captions file is not valid JSON ({path}): {exc}") from None
-    if isinstance(data, dict) and "annotations" in data:
-        names = {img["id"]: img["file_name"] for img in data.get("images", [])}
-        for ann in data["annotations"]:
-            if ann.get("image_id") in names:
-                refs[names[ann["image_id"]]].append(str(ann["caption"]))
-    elif isinstance(data, dict) and "images" in data:
-        for img in data["images"]:
-            if img.get("split", "val") == "val":
-                refs[img["filename"]].extend(str(s["raw"]) for s in img.get("sentences", []))
-    elif isinstance(data, list):
-        for record in data:
-            add_jsonl_record(refs, record)
-    else:
-        raise UserError(f"unknown validation captions format in {path}: use COCO, Karpathy JSON or JSON lines")
-    return dict(refs)
-
-
-def add_jsonl_record(refs: dict[str, list[str]], record: Any) -> None:
-    if not isinstance(record, dict):
-        raise UserError("each validation caption record must be an object with 'image' and 'caption(s)'")
-    name = record.get("image") or record.get("file_name") or record.get("filename")
-    texts = record.get("captions") or ([record["caption"]] if "caption" in record else [])
-    if not name or not texts:
-        raise UserError(f"validation caption record lacks an image name or captions: {str(record)[:80]}")
-    refs[Path(str(name)).name].extend(str(t) for t in texts)
-
-
 def load_user_split(images_dir: str, captions_file: str, limit: int) -> ValSet:
+    """The images of ``images_dir`` that the captions file names (matched on the file name), by image id."""
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
         raise UserError(f"validation image folder not found: {folder}")
-    refs = read_reference_file(Path(captions_file).expanduser())
+    _, _, images = load_reference_file(captions_file, split="val")
     files = {p.name: p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
-    names = sorted(n for n in refs if Path(n).name in files)[:limit]
-    if not names:
+    found = sorted(
+        (im.key, files[Path(im.file).name], list(im.captions))
+        for im in images
+        if im.file and im.captions and Path(im.file).name in files
+    )[:limit]
+    if not found:
         raise UserError(f"no image in {folder} has captions in {captions_file}")
     return ValSet(
         source=f"user split {folder}",
-        ids=names,
-        images=[files[Path(n).name] for n in names],
-        refs=[refs[n] for n in names],
+        ids=[key for key, _, _ in found],
+        images=[path for _, path, _ in found],
+        refs=[refs for _, _, refs in found],
     )
 
 
@@ -133,19 +99,34 @@ def load_holdout(images_dir: Path, keys: set[str], refs: dict[str, list[str]], s
     return ValSet(source="held-out synthetic pairs", ids=ids, images=[found[k] for k in ids], refs=[refs[k] for k in ids])
 
 
-def readable(valset: ValSet) -> tuple[ValSet, list[str]]:
-    """The items whose image decodes, and the ids of those that do not."""
-    keep, bad = [], []
-    for i, item_id in enumerate(valset.ids):
-        try:
-            valset.load(i)
-            keep.append(i)
-        except (UnidentifiedImageError, OSError, ValueError):
-            bad.append(item_id)
-    return (
-        ValSet(valset.source, [valset.ids[i] for i in keep], [valset.images[i] for i in keep], [valset.refs[i] for i in keep]),
-        bad,
+def caption_valset(
+    captioner: Any,
+    valset: ValSet,
+    indices: Sequence[int],
+    *,
+    beams: int,
+    min_new_tokens: int,
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> Captioned[int]:
+    """Caption the validation items ``indices``; unreadable images are skipped and counted."""
+    return caption_batched(
+        captioner,
+        indices,
+        valset.load,
+        beams=beams,
+        min_new_tokens=min_new_tokens,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
+
+
+def validation_line(step: int, scores: dict[str, float]) -> str:
+    """The line a person reads after each validation (scores on pycocoevalcap's 0-1 scale)."""
+    shown = " ".join(f"{k} {format_score(scores[k])}" for k in ("CIDEr", "BLEU-4", "score") if k in scores)
+    skipped = int(scores.get("unreadable", 0))
+    tail = f", {skipped} unreadable image(s) skipped" if skipped else ""
+    return f"step {step}: validation ({SCALE_LABEL}) {shown} on {int(scores.get('images', 0))} images{tail}"
 
 
 # ----------------------------------------------------------------------------- scores
