@@ -12,7 +12,7 @@ from synthetic_run import coco_items, make_summary_run
 from icsd.backends.captioners import clip_image_processor
 from icsd.training.augment import augment, random_resized_crop_box, sample_seed
 from icsd.training.data import PairStreams, StreamPlan, plan_streams, processor_normalizer
-from icsd.training.validation import caption_scores, holdout_keys, read_reference_file
+from icsd.training.validation import caption_scores, holdout_keys, load_user_split
 
 
 def test_random_resized_crop_box_follows_scale_and_ratio():
@@ -102,12 +102,19 @@ def test_holdout_keys_are_stable_and_leave_training_data():
     assert holdout_keys(["only"], 0.5, 10) == set() and len(holdout_keys(["a", "b"], 0.9, 10)) == 1
 
 
-def test_reference_files_and_scores(tmp_path, coco_captions):
-    refs = read_reference_file(coco_captions)
-    assert len(refs) == 998 and all(name.endswith(".jpg") for name in list(refs)[:5])
+def test_reference_files_and_scores(tmp_path, coco_captions, coco_images):
+    coco = load_user_split(str(coco_images), str(coco_captions), 500)
+    photos = sorted(coco_images.glob("*.jpg"))
+    assert coco.ids == sorted(str(int(p.stem)) for p in photos)  # COCO ids, as ingest and evaluate give them
+    assert sorted(p.name for p in coco.images) == [p.name for p in photos] and all(coco.refs)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes(photos[0].read_bytes())
     jsonl = tmp_path / "val.jsonl"
     jsonl.write_text('{"image": "a.jpg", "captions": ["a dog", "the dog"]}\n{"image": "b.jpg", "caption": "a cat"}\n')
-    assert read_reference_file(jsonl) == {"a.jpg": ["a dog", "the dog"], "b.jpg": ["a cat"]}
+    lines = load_user_split(str(folder), str(jsonl), 10)
+    assert lines.ids == ["a", "b"] and lines.refs == [["a dog", "the dog"], ["a cat"]]
     perfect = caption_scores(["a dog runs on the grass", "a cat sits on a red mat"],
                              [["a dog runs on the grass"], ["a cat sits on a red mat"]])  # fmt: skip
     assert perfect["BLEU-4"] > 0.99 and perfect["score"] == perfect["CIDEr"] + perfect["BLEU-4"]
