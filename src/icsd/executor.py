@@ -4,6 +4,12 @@ A stage turns its work into :class:`ShardTask` items, each writing one output fi
 done-marker. The executor skips tasks whose marker is present and valid, then runs the rest with a
 worker built once per process by a picklable factory (so a model loads once per worker, never per
 shard). Workers know nothing of executors; they get a task and a ``progress(n)`` callback.
+
+One failure policy for every executor: a task is handed to a worker only when a worker is free, so
+when a task fails nothing queued starts any more; tasks already running on other workers finish
+(their shards are kept), workers and actors are ended in every case, and the error raised names the
+shard and its error in one line (:class:`ShardFailed`, or a :class:`~icsd.errors.UserError` with the
+shard in front for errors the user must fix), with the original error as its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -42,6 +49,34 @@ class ShardTask:
 
     def done(self) -> bool:
         return is_done(self.output, self.expect)
+
+
+class ShardFailed(RuntimeError):
+    """A shard task raised: the message names the shard and its error in one line."""
+
+    def __init__(self, key: str, error: BaseException) -> None:
+        self.key = key
+        self.error = error
+        super().__init__(f"shard {key} failed: {describe_error(error)}")
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def shard_failure(key: str, exc: BaseException) -> Exception:
+    """The error to raise when the task ``key`` failed with ``exc``: a :class:`~icsd.errors.UserError`
+    stays one (with the shard in front, same exit code), anything else becomes :class:`ShardFailed`."""
+    err: Exception
+    if isinstance(exc, UserError):
+        err = UserError(f"shard {key}: {exc}")
+        err.exit_code = exc.exit_code  # type: ignore[misc]
+    else:
+        err = ShardFailed(key, exc)
+    err.__cause__ = exc
+    return err
 
 
 @dataclass
@@ -99,7 +134,10 @@ def _run_inline(todo: Sequence[ShardTask], factory: WorkerFactory, bar: Any) -> 
     worker = factory(0)
     results = []
     for task in todo:
-        results.append(worker(task, bar.update))
+        try:
+            results.append(worker(task, bar.update))
+        except Exception as exc:
+            raise shard_failure(task.key, exc) from exc
     return results
 
 
@@ -145,19 +183,38 @@ def _run_process_pool(
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
     results: list[dict[str, Any]] = []
+    queued = deque(todo)
+    running: dict[Future[dict[str, Any]], ShardTask] = {}
+    failure: tuple[ShardTask, BaseException] | None = None
+    pool = ProcessPoolExecutor(
+        max_workers=n, mp_context=ctx, initializer=_init_process, initargs=(factory, index_q, progress_q)
+    )
     try:
-        with ProcessPoolExecutor(
-            max_workers=n, mp_context=ctx, initializer=_init_process, initargs=(factory, index_q, progress_q)
-        ) as pool:
-            futures: set[Future[dict[str, Any]]] = {pool.submit(_run_in_process, t) for t in todo}
-            while futures:
-                done, futures = wait(futures, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    results.append(fut.result())
+        # a task goes to the pool only when a worker is free: after a failure nothing queued starts
+        while queued and len(running) < n:
+            task = queued.popleft()
+            running[pool.submit(_run_in_process, task)] = task
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = running.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    failure = failure or (task, exc)
+                    queued.clear()
+                    continue
+                results.append(fut.result())
+                if queued:
+                    nxt = queued.popleft()
+                    running[pool.submit(_run_in_process, nxt)] = nxt
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         stop.set()
         drainer.join(timeout=2)
         manager.shutdown()
+    if failure is not None:
+        task, exc = failure
+        raise shard_failure(task.key, exc) from exc
     return results
 
 

@@ -2,7 +2,10 @@
 
 Actors write the same parts, shards and done-markers as the inline executor (the run directory
 must be on a path every node sees). A task whose actor dies (node lost, OOM) is retried on a
-fresh actor; done tasks are never rerun because the driver skipped them before dispatch.
+fresh actor; done tasks are never rerun because the driver skipped them before dispatch. A task
+that raises follows the executors' one failure policy (see :mod:`icsd.executor`): nothing queued is
+dispatched any more, tasks running on other actors finish, the actors are ended whatever happens,
+and the error raised names the shard.
 """
 
 from __future__ import annotations
@@ -68,38 +71,58 @@ def run_ray(
         resources.pop("num_gpus")  # a cluster without GPUs: run on CPUs instead of waiting forever
     actor_cls = _actor_class(ray).options(**resources)
     n = max(1, min(workers, len(todo)))
-    actors = {i: actor_cls.remote(factory, i) for i in range(n)}
+    actors: dict[int, Any] = {}
     queue = list(todo)
     attempts: Counter[str] = Counter()
     in_flight: dict[Any, tuple[int, ShardTask]] = {}
     results: list[dict[str, Any]] = []
+    failure: tuple[ShardTask, BaseException] | None = None
 
     def submit(slot: int) -> None:
         if queue:
             task = queue.pop(0)
             in_flight[actors[slot].run.remote(task)] = (slot, task)
 
-    for slot in actors:
-        submit(slot)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        ref = ready[0]
-        slot, task = in_flight.pop(ref)
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            attempts[task.key] += 1
-            if attempts[task.key] > MAX_TASK_RETRIES:
-                raise RuntimeError(f"task {task.key} failed {attempts[task.key]} times on lost workers") from exc
-            queue.insert(0, task)
+    try:
+        for slot in range(n):
             actors[slot] = actor_cls.remote(factory, slot)
             submit(slot)
-            continue
-        results.append(result)
-        bar.update(task.size)
-        submit(slot)
-    for actor in actors.values():
-        ray.kill(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            slot, task = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                attempts[task.key] += 1
+                if failure is not None:
+                    continue
+                if attempts[task.key] > MAX_TASK_RETRIES:
+                    lost = RuntimeError(f"failed {attempts[task.key]} times on lost workers")
+                    lost.__cause__ = exc
+                    failure = (task, lost)
+                    queue.clear()
+                    continue
+                queue.insert(0, task)
+                ray.kill(actors[slot])
+                actors[slot] = actor_cls.remote(factory, slot)
+                submit(slot)
+                continue
+            except Exception as exc:  # the worker raised: RayTaskError carries the original as .cause
+                failure = failure or (task, getattr(exc, "cause", None) or exc)
+                queue.clear()  # nothing queued starts; tasks in flight on other actors finish
+                continue
+            results.append(result)
+            bar.update(task.size)
+            submit(slot)
+    finally:
+        for actor in actors.values():
+            ray.kill(actor)
+    if failure is not None:
+        from .executor import shard_failure
+
+        task, error = failure
+        raise shard_failure(task.key, error) from error
     nodes = Counter(r.get("_node", "?") for r in results)
     for node, count in sorted(nodes.items()):
         bar.write(f"  node {node}: {count} shard(s)")
