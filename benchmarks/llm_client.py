@@ -6,7 +6,7 @@ sets, built from the shared COCO captions into the stage's own prompts, are sent
 
 - reference: the approach of the paper's script: batches of ``--batch`` concurrent requests
   through the official ``openai`` async client, ``--pause`` seconds of sleep after each batch;
-- ours (client=openai): :class:`icsd.backends.llm.OpenAIBackend`, ``--concurrency`` requests in
+- ours (client=openai): :class:`icsd.llm.openai.OpenAIBackend`, ``--concurrency`` requests in
   flight, official ``openai`` client;
 - ours (client=aiohttp): the same backend with its lean aiohttp transport;
 - with ``--stage``: the whole ``icsd summarize`` stage (parsing, parts, cache) on the aiohttp client.
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from icsd.backends.llm import ChatRequest, GenerationParams, OpenAIBackend
-from icsd.llm_answers import parse_answer
-from icsd.llm_prompts import PromptSettings, answer_schema, load_template
+from icsd.llm import ChatRequest, GenerationParams
+from icsd.llm.answers import parse_answer
+from icsd.llm.openai import OpenAIBackend
+from icsd.llm.prompts import PromptSettings, answer_schema, load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = Path(os.environ.get("ICSD_SHARED_DATA", ROOT.parent / "shared" / "data")) / "coco" / "captions_val2017.json"

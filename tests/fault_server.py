@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from icsd.chat_server import ChatServer, Reply, user_text
+from icsd.testing.chat_server import ChatServer, Reply, user_text
 
 RATES = (("500", 0.05), ("429", 0.02), ("drop", 0.01), ("slow", 0.01))
 SLOW = 2.5  # seconds; the client's timeout is shorter

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from icsd.chat_server import Reply, user_text
 from icsd.records import Candidate, Caption, to_table
 from icsd.store import RunDir, write_parquet
+from icsd.testing.chat_server import Reply, user_text
 
 _FIRST_LINE = re.compile(r"^\s*1\.\s+(.*)$", re.MULTILINE)
 

@@ -30,7 +30,6 @@ from safetensors.torch import load_file
 from synthetic_run import coco_items, make_summary_run
 
 from icsd.backends.t2i import build_tiny_pipeline
-from icsd.chat_server import ChatServer, Reply, user_text
 from icsd.config import (
     EmbedConfig,
     GroupConfig,
@@ -44,6 +43,7 @@ from icsd.errors import UserError
 from icsd.records import Pair, Selection, from_table, to_table
 from icsd.stages import embed, group, ingest, pairs, render, summarize, train
 from icsd.store import RunDir, is_done, marker_path, read_embeddings, read_parquet, write_parquet
+from icsd.testing.chat_server import ChatServer, Reply, user_text
 from icsd.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -25,11 +25,11 @@ import pytest
 from faults import QUICKSTART_CAPTIONS, cli_env, digest, icsd_cmd, leftovers, record_figures, snapshot
 from llm_run import coco_groups, write_run
 
-from icsd.chat_server import ChatServer, Reply
 from icsd.config import EmbedConfig, IngestConfig, RenderConfig, SummarizeConfig
 from icsd.records import Selection, from_table, to_table
 from icsd.stages import embed, ingest, render, summarize
 from icsd.store import RunDir, is_done, read_embeddings, read_parquet, write_parquet
+from icsd.testing.chat_server import ChatServer, Reply
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -35,11 +35,11 @@ from safetensors.torch import load_file
 from synthetic_run import coco_items, make_summary_run
 
 from icsd.backends.t2i import build_tiny_pipeline
-from icsd.chat_server import ChatServer, Reply, user_text
 from icsd.config import EmbedConfig, IngestConfig, PairsConfig, RenderConfig, SummarizeConfig, TrainConfig
 from icsd.records import Selection, from_table, to_table
 from icsd.stages import embed, ingest, pairs, render, summarize, train
 from icsd.store import RunDir, is_done, iter_shard_samples, read_embeddings, read_parquet, write_parquet
+from icsd.testing.chat_server import ChatServer, Reply, user_text
 from icsd.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

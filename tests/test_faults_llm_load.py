@@ -27,11 +27,11 @@ from fault_server import ALWAYS_500, ALWAYS_DROP, planned
 from faults import QUICKSTART_CAPTIONS, REPO, cli_env, record_figures
 from llm_run import ScriptedResponder, coco_groups, head_map, write_run
 
-from icsd.chat_server import ChatServer, Reply
 from icsd.config import SummarizeConfig
 from icsd.records import Candidate, Caption, Selection, from_table, to_table
 from icsd.stages import summarize
 from icsd.store import RunDir, read_parquet, write_parquet
+from icsd.testing.chat_server import ChatServer, Reply
 
 GROUPS = 10_000
 CONCURRENCY = 256

@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 from llm_run import coco_groups, write_run
 
-from icsd.backends.llm import ChatRequest, GenerationParams, TransformersBackend, VLLMBackend, packaged_gguf
 from icsd.config import SummarizeConfig
 from icsd.errors import UserError
+from icsd.llm import ChatRequest, GenerationParams
+from icsd.llm.local import packaged_gguf
+from icsd.llm.transformers_backend import TransformersBackend
+from icsd.llm.vllm_backend import VLLMBackend
 from icsd.records import SELECTION_STATUSES, Selection, from_table
 from icsd.stages import summarize
 from icsd.store import read_parquet

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from llm_run import ScriptedResponder, answer, coco_groups, head_map, write_run
 
-from icsd.chat_server import ChatServer, Reply
 from icsd.config import SummarizeConfig
 from icsd.errors import UserError
 from icsd.records import Selection, from_table
 from icsd.stages import summarize
 from icsd.store import read_parquet
+from icsd.testing.chat_server import ChatServer, Reply
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_first_n_mode_condenses_the_first_n_captions(tmp_path, coco_captions, mo
     seen: list[int] = []
 
     def respond(request):
-        from icsd.chat_server import numbered_lines
+        from icsd.testing.chat_server import numbered_lines
 
         seen.append(numbered_lines(request))
         return Reply(content='{"summary": "Two dogs play with a red ball on the grass."}')
@@ -304,7 +304,8 @@ def test_an_error_mid_run_keeps_the_records_already_answered(scripted_run, monke
     assert len(selections(run)) == len(gid_of)
 
 
-def test_an_unreachable_server_stops_the_run_with_one_line(tmp_path, coco_captions, monkeypatch):
+@pytest.mark.parametrize("client", ["openai", "aiohttp"])
+def test_an_unreachable_server_stops_the_run_at_once_with_one_line(tmp_path, coco_captions, monkeypatch, client):
     import socket
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -313,10 +314,12 @@ def test_an_unreachable_server_stops_the_run_with_one_line(tmp_path, coco_captio
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    cfg = SummarizeConfig(backend="openai", model="echo", base_url=[f"http://127.0.0.1:{port}/v1"],
-                          max_retries=1, retry_backoff=0.01, client="aiohttp")
-    with pytest.raises(UserError, match="cannot reach the server"):
+    url = f"http://127.0.0.1:{port}/v1"
+    cfg = SummarizeConfig(backend="openai", model="echo", base_url=[url], client=client)  # default retries
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"nothing listens at {url}"):
         summarize.run(cfg, run)
+    assert time.monotonic() - start < 15  # not after six backoffs (30 s and more)
 
 
 def test_missing_candidates_is_one_line_error(tmp_path):

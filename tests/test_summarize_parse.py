@@ -8,21 +8,14 @@ import time
 
 import pytest
 
-from icsd.backends.llm import (
-    ChatRequest,
-    GenerationParams,
-    OpenAIBackend,
-    backoff_delay,
-    local_model_label,
-    resolve_api_key,
-    resolve_local_model,
-    retry_after_seconds,
-)
-from icsd.chat_server import numbered_lines
 from icsd.errors import UserError
-from icsd.llm_answers import first_json_object, parse_answer
-from icsd.llm_cache import LLMCache, request_key
-from icsd.llm_prompts import PromptSettings, answer_schema, load_template
+from icsd.llm import ChatRequest, GenerationParams
+from icsd.llm.answers import first_json_object, parse_answer
+from icsd.llm.cache import LLMCache, request_key
+from icsd.llm.local import local_model_label, resolve_local_model
+from icsd.llm.openai import OpenAIBackend, backoff_delay, resolve_api_key, retry_after_seconds
+from icsd.llm.prompts import PromptSettings, answer_schema, load_template
+from icsd.testing.chat_server import numbered_lines
 
 SEL = PromptSettings()
 

@@ -13,9 +13,9 @@ import pytest
 
 from icsd import pipeline
 from icsd.backends.t2i import item_seed
-from icsd.chat_server import ChatServer, echo_responder
 from icsd.compare import compare_rows
 from icsd.store import done_shards, iter_shard_samples, safe_key
+from icsd.testing.chat_server import ChatServer, echo_responder
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from .llm_prompts import PromptSettings
+from .prompts import PromptSettings
 
 _DECODER = json.JSONDecoder()
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backends.llm import ChatRequest
+from .base import ChatRequest
 
 
 def request_key(model: str, params: dict[str, Any], request: ChatRequest) -> str:

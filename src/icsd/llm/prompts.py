@@ -21,8 +21,8 @@ from typing import Any, Literal
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from .errors import UserError
-from .store import hash_text
+from ..errors import UserError
+from ..store import hash_text
 
 Mode = Literal["select", "first-n"]
 BUNDLED = {"select": "select.txt", "first-n": "first_n.txt"}

@@ -1,0 +1,27 @@
+"""The ``--backend`` names of the summarize stage.
+
+Entries are registered lazily as ``"module:attribute"``: listing the names or validating a config
+imports neither torch nor vLLM nor the openai client. A new backend is a :class:`~icsd.llm.base.ChatBackend`
+subclass in its own module, one line here, and a test class that subclasses
+``tests/llm_backend_contract.py:LLMBackendContract``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from .base import BackendSpec, ChatBackend
+
+LLM_BACKENDS: Registry[Any] = Registry("LLM backend")
+LLM_BACKENDS.register("openai", "icsd.llm.openai:OpenAIBackend")
+LLM_BACKENDS.register("transformers", "icsd.llm.transformers_backend:TransformersBackend")
+LLM_BACKENDS.register("vllm", "icsd.llm.vllm_backend:VLLMBackend")
+
+
+def make_backend(spec: BackendSpec) -> ChatBackend:
+    """The backend registered under ``spec.backend``, built from ``spec``."""
+    backend: ChatBackend = LLM_BACKENDS.get(spec.backend).from_spec(spec)
+    return backend

@@ -1,0 +1,1 @@
+"""Development helpers for tests, benchmarks and dry runs; the pipeline never imports them."""

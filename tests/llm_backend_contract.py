@@ -1,0 +1,96 @@
+"""The contract every LLM backend registered in ``icsd.llm.registry.LLM_BACKENDS`` keeps.
+
+A backend's tests subclass :class:`LLMBackendContract` (as diffusers' pipeline tests subclass
+``PipelineTesterMixin``), set ``backend_name`` and override the ``spec`` fixture with a
+:class:`~icsd.llm.BackendSpec` that builds a small instance here (a tiny random model, a local
+server). Every test below then runs on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from icsd.llm import LLM_BACKENDS, BackendSpec, ChatAnswer, ChatBackend, ChatRequest, make_backend
+from icsd.llm.prompts import PromptSettings, answer_schema
+
+PROMPTS = [
+    "Pick captions of one scene:\n1. a dog on a beach\n2. a brown dog runs\n3. a red bus",
+    "Summarise: a man rides a wave on a surfboard",
+    "Pick captions:\n1. two cats sleep\n2. a cat on a sofa\n3. a cat",
+    "Say something about a kitchen with a stove",
+    "Pick captions:\n1. a plate of food\n2. a sandwich on a plate",
+]
+
+
+def requests(schema: bool = True) -> list[ChatRequest]:
+    out = []
+    for i, text in enumerate(PROMPTS):
+        s = answer_schema(PromptSettings(min_select=1, max_select=3), 3) if schema and i % 2 == 0 else None
+        out.append(ChatRequest(messages=({"role": "user", "content": text},), schema=s))
+    return out
+
+
+class LLMBackendContract:
+    """Subclass with ``backend_name = "..."`` and a ``spec`` fixture."""
+
+    backend_name: str = ""
+
+    @pytest.fixture()
+    def spec(self) -> BackendSpec:  # pragma: no cover - always overridden
+        raise NotImplementedError("a backend's contract tests override the spec fixture")
+
+    @pytest.fixture()
+    def backend(self, spec: BackendSpec) -> Iterator[ChatBackend]:
+        built = make_backend(spec)
+        try:
+            yield built
+        finally:
+            built.close()
+
+    # registration ---------------------------------------------------------------------------
+
+    def test_is_registered_under_its_name(self, spec: BackendSpec) -> None:
+        assert spec.backend == self.backend_name
+        assert self.backend_name in LLM_BACKENDS.names()
+        cls = LLM_BACKENDS.get(self.backend_name)
+        assert issubclass(cls, ChatBackend) and cls.name == self.backend_name
+
+    def test_builds_from_its_spec(self, backend: ChatBackend, spec: BackendSpec) -> None:
+        assert isinstance(backend, LLM_BACKENDS.get(self.backend_name))
+        assert backend.model_id == spec.model_label()  # records name the model before it is loaded
+        assert backend.params == spec.params
+
+    def test_describe_names_backend_model_and_generation(self, backend: ChatBackend) -> None:
+        info = backend.describe()
+        assert info["backend"] == self.backend_name and info["model"] == backend.model_id
+        assert info["max_new_tokens"] == backend.params.max_new_tokens
+        assert info["temperature"] == backend.params.temperature
+        assert "KEY" not in repr(info).upper().replace("API_KEY_ENV", "")
+
+    # answering ------------------------------------------------------------------------------
+
+    def test_every_key_is_answered_exactly_once(self, backend: ChatBackend) -> None:
+        keys: list[Any] = [("g", i) for i in range(len(PROMPTS))]
+        items = ((k, r) for k, r in zip(keys, requests(), strict=True))  # a generator, not a list
+        got = list(backend.stream(items))
+        assert sorted(k for k, _ in got) == sorted(keys)
+        for _, answer in got:
+            assert isinstance(answer, ChatAnswer)
+            assert answer.ok, answer.error
+            assert isinstance(answer.text, str) and answer.error is None
+            assert answer.prompt_tokens >= 0 and answer.completion_tokens >= 0
+
+    def test_requests_without_a_schema_are_answered(self, backend: ChatBackend) -> None:
+        got = dict(backend.stream(enumerate(requests(schema=False))))
+        assert sorted(got) == list(range(len(PROMPTS))) and all(a.ok for a in got.values())
+
+    def test_nothing_to_answer_yields_nothing(self, backend: ChatBackend) -> None:
+        assert list(backend.stream(iter(()))) == []
+
+    def test_one_backend_serves_several_streams(self, backend: ChatBackend) -> None:
+        first = dict(backend.stream(enumerate(requests()[:2])))
+        second = dict(backend.stream(enumerate(requests()[2:])))
+        assert sorted(first) == [0, 1] and sorted(second) == [0, 1, 2]

