@@ -107,9 +107,15 @@ class CaptionerContract:
             built.model.zero_grad(set_to_none=True)
             built.model.eval()
 
-    def test_generate_keeps_within_min_and_max_new_tokens(self, built: CaptionModel, pixels: torch.Tensor) -> None:
+    def test_generate_keeps_within_min_and_max_new_tokens(
+        self, built: CaptionModel, pixels: torch.Tensor
+    ) -> None:
         built.model.eval()
-        settings = {"num_beams": self.beams, "min_new_tokens": self.min_new_tokens, "max_new_tokens": self.max_new_tokens}
+        settings = {
+            "num_beams": self.beams,
+            "min_new_tokens": self.min_new_tokens,
+            "max_new_tokens": self.max_new_tokens,
+        }
         with torch.inference_mode():
             new = built.family.generate(built.model, built.tokenizer, pixels, built.prompt, **settings)
         assert new.shape[0] == len(pixels) and new.shape[1] <= self.max_new_tokens
@@ -117,17 +123,25 @@ class CaptionerContract:
         for row in new.tolist():
             length = row.index(eos) if eos in row else len(row)
             assert self.min_new_tokens <= length <= self.max_new_tokens
-        texts = built.captioner("cpu").caption(tiny_images(2, size=40), beams=self.beams, max_new_tokens=self.max_new_tokens)
+        texts = built.captioner("cpu").caption(
+            tiny_images(2, size=40), beams=self.beams, max_new_tokens=self.max_new_tokens
+        )
         assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
     def test_saved_checkpoint_loads_and_captions_the_same(self, built: CaptionModel, saved: Path) -> None:
         images = tiny_images(2, size=40, seed=1)
-        kwargs = {"beams": self.beams, "min_new_tokens": self.min_new_tokens, "max_new_tokens": self.max_new_tokens}
+        kwargs = {
+            "beams": self.beams,
+            "min_new_tokens": self.min_new_tokens,
+            "max_new_tokens": self.max_new_tokens,
+        }
         loaded = load_captioner(str(saved), "cpu")
         assert loaded.family is built.family and loaded.prompt == built.prompt
         assert loaded.caption(images, **kwargs) == built.captioner("cpu").caption(images, **kwargs)
 
-    def test_saved_folder_loads_with_plain_transformers(self, built: CaptionModel, saved: Path, pixels: torch.Tensor) -> None:
+    def test_saved_folder_loads_with_plain_transformers(
+        self, built: CaptionModel, saved: Path, pixels: torch.Tensor
+    ) -> None:
         import transformers
 
         files = {p.name for p in saved.iterdir()}
@@ -167,7 +181,13 @@ class EmbedderContract:
         return load_embedder(model, kind=self.kind, device="cpu", batch_size=3)
 
     def texts(self) -> list[str]:
-        return ["a dog on a couch", "two cats", "a red bus parked near the road in the rain", "x", "a dog on a couch"]
+        return [
+            "a dog on a couch",
+            "two cats",
+            "a red bus parked near the road in the rain",
+            "x",
+            "a dog on a couch",
+        ]
 
     def test_registered_under_its_kind(self, embedder: Any) -> None:
         assert isinstance(embedder, EMBEDDERS.get(self.kind))
@@ -220,7 +240,9 @@ class T2IContract:
         path = entry.prepare(model, tmp_path_factory.mktemp(f"t2i-cache-{self.backend}"))
         return entry.load(T2ISpec(model=path, backend=self.backend), "cpu")
 
-    def render(self, generator: Any, prompts: list[str], seeds: list[int], width: int = 32, height: int = 32) -> Any:
+    def render(
+        self, generator: Any, prompts: list[str], seeds: list[int], width: int = 32, height: int = 32
+    ) -> Any:
         return generator.generate(prompts, seeds, steps=self.steps, guidance=7.5, width=width, height=height)
 
     def test_describes_itself(self, generator: Any, model: str) -> None:

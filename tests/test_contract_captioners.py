@@ -17,7 +17,9 @@ class TestIcsdCaptioner(CaptionerContract):
     preset = "icsd"
 
     def make_spec(self, parts: dict[str, Path]) -> CaptionerSpec:
-        return CaptionerSpec(preset="icsd", vision_model=str(parts["clip"]), text_model=str(parts["bert"]), image_size=48)
+        return CaptionerSpec(
+            preset="icsd", vision_model=str(parts["clip"]), text_model=str(parts["bert"]), image_size=48
+        )
 
 
 class TestPrefixCaptioner(CaptionerContract):
@@ -43,5 +45,8 @@ def test_unknown_preset_is_an_error_listing_the_known_ones() -> None:
     from icsd.backends.captioners import build_caption_model
     from icsd.errors import UserError
 
-    with pytest.raises(UserError, match=r"unknown captioner preset 'prefx' \(did you mean 'prefix'\?\); known: icsd, prefix, tiny"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown captioner preset 'prefx' \(did you mean 'prefix'\?\); known: icsd, prefix, tiny",
+    ):
         build_caption_model(CaptionerSpec(preset="prefx"))

@@ -38,7 +38,9 @@ def test_every_registered_backend_has_a_contract_test() -> None:
 def test_tiny_random_builds_once_into_the_cache(tiny_sd_model: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_sd_model, tmp_path / t2i.TINY_CACHE_NAME)
     stamp = (tmp_path / t2i.TINY_CACHE_NAME / "model_index.json").stat().st_mtime_ns
-    assert t2i.TinyRandomBackend.prepare("anything", tmp_path) == str((tmp_path / t2i.TINY_CACHE_NAME).resolve())
+    assert t2i.TinyRandomBackend.prepare("anything", tmp_path) == str(
+        (tmp_path / t2i.TINY_CACHE_NAME).resolve()
+    )
     assert (tmp_path / t2i.TINY_CACHE_NAME / "model_index.json").stat().st_mtime_ns == stamp
     assert t2i.TinyRandomBackend.model_label("anything") == t2i.TINY_MODEL_NAME
 

@@ -577,7 +577,12 @@ class PrefixCaptioner(CaptionerFamily):
 
     @classmethod
     def build(cls, spec: CaptionerSpec) -> CaptionModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+        )
 
         if not (spec.vision_model and spec.text_model):
             raise UserError(f"the {cls.name} captioner needs a vision model and a text model")
