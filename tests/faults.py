@@ -1,5 +1,6 @@
 """Helpers of the fault-injection tests: run `icsd` as a real subprocess, SIGKILL it at a random
-point of its work, and compare files byte for byte."""
+point of its work (chosen by the files it has written, never by time), and compare files byte for
+byte."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ class Kill:
     """Where one SIGKILL landed."""
 
     seed: int
-    target: int  # finished units awaited before the kill
-    delay: float  # then this many seconds more (a fraction of the last unit's time)
+    target: int  # finished units (done-markers) awaited before the kill
+    phase: str  # "after-marker": right after the target's marker; "mid-unit": the next unit had begun writing
     alive: bool  # the process was still working when the signal was sent
     done_at_kill: int  # finished units right after it died
     returncode: int
@@ -73,36 +74,35 @@ def kill_at_random_point(
     seed: int,
     progress: Callable[[], int],
     total: int,
+    in_flight: Callable[[], bool] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 240,
 ) -> Kill:
     """Start ``icsd ARGS``; wait until a random number (2 .. total-2) of its work units are
-    finished, then a random fraction of the time its last unit took, then SIGKILL it (no chance
-    to clean up). Successive seeds draw the number from the early, middle and late third of the
-    run in turn. The wait scales with the process's own pace, so a loaded machine moves the kill
-    point but never past the end of the run."""
+    finished (``progress()`` counts their done-markers), then SIGKILL it (no chance to clean up).
+    Successive seeds draw the number from the early, middle and late third of the run in turn.
+    With ``in_flight`` (true once the next unit has visibly begun: its temp file holds data, a step
+    is logged past the checkpoint, ...) odd seeds kill inside that next unit instead, or at the
+    latest at its own marker, which still leaves a unit to do. Every wait is for a file to appear,
+    never for a time, so a loaded machine moves nothing; ``timeout`` only ends a run that hangs."""
     rng = random.Random(f"{args[0]}:{seed}")
     units = list(range(2, max(3, total - 1)))
     third = max(1, len(units) // 3)
     start = (seed % 3) * third
     target = rng.choice(units[start : start + third] or units)
-    fraction = rng.random()
+    mid_unit = in_flight is not None and seed % 2 == 1
     proc = subprocess.Popen(
         icsd_cmd(*args), env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    seen: dict[int, float] = {}
     deadline = time.monotonic() + timeout
-    delay = 0.0
     try:
         while proc.poll() is None:
-            done, now = progress(), time.monotonic()
-            for n in range(done + 1):
-                seen.setdefault(n, now)
-            if done >= target:
-                delay = fraction * (seen[target] - seen[target - 1])
-                time.sleep(delay)
+            done = progress()
+            if done >= target and not mid_unit:
                 break
-            if now > deadline:
+            if done > target or (done == target and in_flight is not None and in_flight()):
+                break
+            if time.monotonic() > deadline:
                 raise AssertionError(f"icsd {args[0]} made no progress to {target} units in {timeout}s")
             time.sleep(0.01)
         alive = proc.poll() is None
@@ -118,7 +118,22 @@ def kill_at_random_point(
         proc.stderr.close()
     if not alive and proc.returncode != 0:
         raise AssertionError(f"icsd {args[0]} failed before the kill:\n{stderr[-3000:]}")
-    return Kill(seed, target, round(delay, 3), alive, progress(), proc.returncode)
+    return Kill(seed, target, "mid-unit" if mid_unit else "after-marker", alive, progress(), proc.returncode)
+
+
+def temp_file_with_data(folder: Path, pattern: str) -> Callable[[], bool]:
+    """``in_flight`` probe: a temp file (``.name.XXXX.tmp``) matching ``pattern`` holds data."""
+
+    def probe() -> bool:
+        for p in folder.glob(pattern):
+            try:
+                if p.stat().st_size > 0:
+                    return True
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
+        return False
+
+    return probe
 
 
 def digest(path: Path) -> str:

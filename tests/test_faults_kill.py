@@ -1,10 +1,11 @@
 """`kill -9` at random points inside embed, summarize, render and train.
 
 Each stage runs as a real `python -m icsd.cli` subprocess that is SIGKILLed after a random number
-of finished work units plus a random fraction of one more (several seeds), then the same command
-is run again. The rerun must complete; every record must appear exactly once; what was finished
-before the kill must be left byte for byte as it was; and the final outputs must be byte-identical
-to those of an uninterrupted run. Training must resume from its last checkpoint.
+of finished work units (their done-markers), or inside the next unit once it has visibly begun
+(several seeds; every wait is for a file, never for a time), then the same command is run again.
+The rerun must complete; every record must appear exactly once; what was finished before the kill
+must be left byte for byte as it was; and the final outputs must be byte-identical to those of an
+uninterrupted run. Training must resume from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from faults import (
     record_figures,
     seeds,
     snapshot,
+    temp_file_with_data,
 )
 from llm_run import coco_groups, write_run
 from safetensors.torch import load_file
@@ -105,7 +107,7 @@ def test_embed_killed_at_a_random_point_resumes_to_identical_parts(
     ids, vectors = read_embeddings(run.embeddings)
     assert len(ids) == len(set(ids)) == EMBED_CAPTIONS and vectors.shape[0] == EMBED_CAPTIONS
     assert not leftovers(run.root)
-    record_figures("kill/embed", seed=seed, target=kill.target, delay=kill.delay,
+    record_figures("kill/embed", seed=seed, target=kill.target, phase=kill.phase,
                    parts_done_at_kill=kill.done_at_kill, records_checked=len(ids), lost=0)  # fmt: skip
 
 
@@ -187,7 +189,7 @@ def test_summarize_killed_at_a_random_point_loses_only_groups_in_flight(
     assert [r.group_id for r in rows] == summarize_base["groups"]
     assert digest(run.selections) == summarize_base["reference"]  # byte-identical to an uninterrupted run
     assert not leftovers(run.root)
-    record_figures("kill/summarize", seed=seed, target=kill.target, delay=kill.delay,
+    record_figures("kill/summarize", seed=seed, target=kill.target, phase=kill.phase,
                    parts_done_at_kill=kill.done_at_kill, groups_kept=len(groups_before),
                    records_checked=len(rows), lost=0)  # fmt: skip
 
@@ -227,6 +229,7 @@ def test_render_killed_at_a_random_point_resumes_to_identical_shards(
         seed=seed,
         progress=lambda: finished(run.images, "shard-*.tar"),
         total=shards,
+        in_flight=temp_file_with_data(run.images, ".shard-*.tmp"),  # the next shard holds an image
     )
     assert kill.alive and 2 <= kill.done_at_kill < shards, kill
     done_before = {n: h for n, h in snapshot(run.images, "shard-*.tar").items() if is_done(run.images / n)}
@@ -240,7 +243,7 @@ def test_render_killed_at_a_random_point_resumes_to_identical_shards(
     ids = [s.item_id for shard in sorted(run.images.glob("shard-*.tar")) for s in iter_shard_samples(shard)]
     assert sorted(ids) == [f"g{i:02d}" for i in range(RENDER_ITEMS)]  # each item exactly once
     assert not leftovers(run.root)
-    record_figures("kill/render", seed=seed, target=kill.target, delay=kill.delay,
+    record_figures("kill/render", seed=seed, target=kill.target, phase=kill.phase,
                    shards_done_at_kill=kill.done_at_kill, records_checked=len(ids), lost=0)  # fmt: skip
 
 
@@ -259,6 +262,21 @@ def checkpoint_step(run: RunDir) -> int:
     folder = ckpt.complete_checkpoint(run.train / "last")
     state = ckpt.read_state(folder) if folder is not None else None
     return int(state["step"]) if state else 0
+
+
+def last_logged_step(run: RunDir) -> int:
+    """The last step in metrics.jsonl (a line being written is not counted)."""
+    try:
+        lines = (run.train / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except (ValueError, AttributeError):
+            continue
+    return max(steps)
 
 
 def losses(run: RunDir) -> dict[int, float]:
@@ -299,6 +317,7 @@ def test_train_killed_at_a_random_point_resumes_from_its_last_checkpoint(
         seed=seed,
         progress=lambda: checkpoint_step(run) // SAVE_EVERY,
         total=checkpoints,
+        in_flight=lambda: last_logged_step(run) > checkpoint_step(run),  # a step past the checkpoint
     )
     assert kill.alive and 2 <= kill.done_at_kill < checkpoints, kill
     step_at_kill = checkpoint_step(run)
@@ -314,5 +333,5 @@ def test_train_killed_at_a_random_point_resumes_from_its_last_checkpoint(
     assert final.keys() == train_base["weights"].keys()
     assert all(torch.equal(final[k], train_base["weights"][k]) for k in final)
     assert not leftovers(run.root) and not list(run.train.glob(".*.partial")) and not list(run.train.glob(".*.old"))
-    record_figures("kill/train", seed=seed, target=kill.target, delay=kill.delay, resumed_at_step=step_at_kill,
+    record_figures("kill/train", seed=seed, target=kill.target, phase=kill.phase, resumed_at_step=step_at_kill,
                    records_checked=len(got), lost=0)  # fmt: skip
