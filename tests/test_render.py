@@ -172,7 +172,7 @@ def reference_run(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def assert_same_images(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
-        assert a[key][0]["seed"] == b[key][0]["seed"]
+        assert a[key][0].seed == b[key][0].seed
         # Batched matmuls round differently in the last float bit, which may move a pixel by one
         # level before JPEG; anything seed-related would differ by tens of levels.
         diff = np.abs(a[key][1].astype(int) - b[key][1].astype(int))
