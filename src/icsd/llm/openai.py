@@ -95,12 +95,15 @@ _TRANSIENT_WORDS = (
 
 def looks_transient(status: int, message: str) -> bool:
     """Whether an error answer may pass on a second try: 408/409/429 always; a 5xx whose body is
-    empty, only its status phrase, or says the server is busy, overloaded or loading."""
+    empty, only its status phrase, or says the server is busy, overloaded or loading, and is no
+    request validation error (llama-cpp-python reports those as 500)."""
     if status in (408, 409, 429):
         return True
     if status < 500:
         return False
     text = message.strip().lower()
+    if "validation error" in text:
+        return False
     phrase = HTTPStatus(status).phrase.lower() if status in HTTPStatus._value2member_map_ else ""
     return not text or text == phrase or any(w in text for w in _TRANSIENT_WORDS)
 
@@ -643,9 +646,11 @@ class OpenAIBackend(ChatBackend):
                 if fmt != "text" and names_response_format(res.message):
                     hint = "try --response-format auto" if self.response_format != "auto" else "no plainer format left"
                     return ChatAnswer(
-                        error=f"{last_error} (response_format {fmt} refused: {hint})", attempts=attempt + 1, permanent=True
+                        error=f"response_format {fmt} refused ({hint}): {last_error}", attempts=attempt + 1, permanent=True
                     )
-                if not looks_transient(res.status, res.message) and (res.status < 500 or res.message == previous):
+                if not looks_transient(res.status, res.message) and (
+                    res.status < 500 or res.message == previous or "validation error" in res.message.lower()
+                ):  # the server rejects this request: asking again cannot help
                     return ChatAnswer(error=last_error, attempts=attempt + 1, permanent=True)
                 previous = res.message
                 wait = retry_after_seconds(res.headers)
