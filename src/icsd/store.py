@@ -28,7 +28,6 @@ import yaml
 from .errors import UserError
 from .records import ImageSample
 
-
 _TRACKED_PACKAGES = (
     "icsd",
     "torch",

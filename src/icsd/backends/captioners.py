@@ -825,7 +825,7 @@ def checkpoint_family(model_type: Any, info: dict[str, Any], folder: Path) -> ty
             family = CAPTIONERS.get(name)
             return family
     known = sorted({CAPTIONERS.get(n).model_type for n in CAPTIONERS.names()})
-    raise UserError(f"unsupported captioner model type {model_type!r} in {folder}; known: {', '.join(known)}")
+    raise UserError(f"cannot load captioner: unsupported model type {model_type!r} in {folder}; known: {', '.join(known)}")
 
 
 def load_captioner(path: str, device: str = "auto") -> Captioner:
