@@ -139,7 +139,9 @@ def field_parameter(name: str, info: FieldInfo, positional: bool = False) -> ins
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     kind, is_list = _base_type(info.annotation)
     dash = name.replace("_", "-")
-    flags = list(extra.get("cli_flags") or ([f"--{dash}/--no-{dash}"] if kind is bool else [f"--{dash}"]))
+    declared = extra.get("cli_flags")
+    flags = [str(f) for f in declared] if isinstance(declared, list) else (
+        [f"--{dash}/--no-{dash}"] if kind is bool else [f"--{dash}"])  # fmt: skip
     if positional:
         marker: Any = typer.Argument(help=info.description or "")
         annotation: Any = str

@@ -241,9 +241,9 @@ class ScoreConfig(StageConfig):
 
 class PairsConfig(StageConfig):
     kinds: list[Literal["selected", "summary", "uni"]] = Field(
-        default_factory=lambda: ["selected"],
+        default_factory=lambda: ["selected"],  # type: ignore[arg-type]
         description="Pair kinds, comma-separated: selected, summary, uni.",
-    )  # type: ignore[arg-type]
+    )
     include_nsfw: bool = Field(
         default=False,
         description="Keep images flagged NSFW.",

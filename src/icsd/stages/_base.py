@@ -10,7 +10,6 @@ from typing import Any
 
 from ..config import StageConfig
 from ..store import RunDir, input_hashes, manifest_entry
-from . import stage_names
 
 
 @dataclass
@@ -67,7 +66,6 @@ def finish_stage(
     stage: str,
     cfg: StageConfig,
     *,
-    inputs: list[Path] | None = None,
     counts: dict[str, Any],
     seconds: float,
     output: Path | None,
@@ -75,20 +73,18 @@ def finish_stage(
     extra: dict[str, Any] | None = None,
     notes: list[str] | None = None,
 ) -> StageResult:
-    """Save the stage's resolved config and its manifest entry; return its result.
-
-    The recorded inputs are the stage spec's (``inputs`` only for a stage without a spec)."""
+    """Save the stage's resolved config and its manifest entry (with the inputs its spec names);
+    return its result."""
     from . import stage_spec
 
-    if stage in stage_names():
-        inputs = stage_spec(stage).inputs(cfg, run)
+    inputs = stage_spec(stage).inputs(cfg, run)
     resolved = cfg.resolved()
     run.save_stage_config(stage, resolved)
     run.update_manifest(
         stage,
         manifest_entry(
             config=resolved,
-            inputs=input_hashes(*(inputs or [])),
+            inputs=input_hashes(*inputs),
             counts=counts,
             seconds=seconds,
             models=models,

@@ -113,7 +113,6 @@ def run(cfg: EmbedConfig, run: RunDir) -> StageResult:
         run,
         "embed",
         cfg,
-        inputs=[run.captions],
         counts=counts,
         seconds=timer.seconds,
         output=folder,

@@ -300,12 +300,10 @@ def run(cfg: EvaluateConfig, run: RunDir) -> EvalResult:
     timer = Timer()
     outcome = evaluate(cfg)
     scores_path = write_outputs(outcome, run.eval_dir(outcome.refs.name))
-    inputs = [outcome.refs.path] + ([Path(cfg.predictions)] if cfg.predictions else [])
     result = finish_stage(
         run,
         "evaluate",
         cfg,
-        inputs=inputs,
         counts=_counts(outcome),
         seconds=timer.seconds,
         output=scores_path,

@@ -82,7 +82,6 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
         run,
         "group",
         cfg,
-        inputs=[run.captions, run.embeddings],
         counts=counts,
         seconds=timer.seconds,
         output=run.candidates,

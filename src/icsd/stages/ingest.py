@@ -273,7 +273,6 @@ def run(cfg: IngestConfig, run: RunDir) -> StageResult:
         run,
         "ingest",
         cfg,
-        inputs=[path],
         counts=counts,
         seconds=timer.seconds,
         output=run.captions,

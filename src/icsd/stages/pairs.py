@@ -169,7 +169,6 @@ def run(cfg: PairsConfig, run: RunDir) -> StageResult:
         run,
         "pairs",
         cfg,
-        inputs=[run.images, run.selections, run.captions, run.scores],
         counts=counts,
         seconds=timer.seconds,
         output=run.pairs,

@@ -410,7 +410,6 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
     """Render every chosen item into ``RUN/images/shard-XXXXX.tar``; finished shards are kept."""
     timer = Timer()
     _validate(cfg)
-    source = run.captions if cfg.prompts == "captions" else run.selections
     loaded = caption_items(run) if cfg.prompts == "captions" else summary_items(run)
     items = choose_items(loaded, limit=cfg.limit, sample=cfg.sample, seed=cfg.seed)
     model_path = _model_path(cfg, run)
@@ -468,7 +467,6 @@ def run(cfg: RenderConfig, run: RunDir) -> StageResult:
         run,
         STAGE,
         cfg,
-        inputs=[source],
         counts=counts,
         seconds=timer.seconds,
         output=run.images,

@@ -272,7 +272,6 @@ def run(cfg: ReportConfig, run: RunDir) -> StageResult:
         run,
         "report",
         cfg,
-        inputs=[],
         counts={"bytes": len(html.encode("utf-8"))},
         seconds=timer.seconds,
         output=run.report,

@@ -77,7 +77,6 @@ def run(cfg: ScoreConfig, run: RunDir) -> StageResult:
         run,
         "score",
         cfg,
-        inputs=[run.images, run.selections, run.captions],
         counts={"images": images, "scores": len(scores), "mean_clip_score": round(mean, 4), "unfinished_shards": unfinished},
         seconds=timer.seconds,
         output=run.scores,

@@ -504,7 +504,6 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
         run,
         STAGE,
         cfg,
-        inputs=[run.candidates, run.captions],
         counts=result_counts,
         seconds=timer.seconds,
         output=run.selections,

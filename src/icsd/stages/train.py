@@ -478,7 +478,6 @@ class Trainer:
             self.run,
             "train",
             self.cfg,
-            inputs=[self.run.pairs, self.run.images],
             counts=counts,
             seconds=timer.seconds,
             output=self.out,
