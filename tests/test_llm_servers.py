@@ -58,10 +58,12 @@ class LlamaCppLike:
 
     def __init__(self) -> None:
         self.formats: list[str] = []
+        self.schemas: list[bool] = []  # whether a json_object request carried the answer's schema
 
     def __call__(self, request: dict[str, Any]) -> Reply:
         fmt = fmt_of(request)
         self.formats.append(fmt)
+        self.schemas.append("schema" in (request.get("response_format") or {}))
         if fmt == "json_schema":
             return llama_cpp_error(LLAMA_CPP_FORMAT_ERROR)
         return Reply(content=answer([1, 2, 3, 4, 5]))
@@ -97,11 +99,12 @@ def test_a_500_naming_response_format_steps_down_once_and_is_remembered(groups, 
     # one probe learnt it (the others waited for it), every later request asked for json_object
     assert server_answers.formats.count("json_schema") == 1
     assert server_answers.formats.count("json_object") == len(candidates)
+    assert all(server_answers.schemas[1:])  # json_object with the schema beside it (llama-cpp-python uses it)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "does not support" in ln]
     assert len(lines) == 1, lines
     assert f"{server.url} does not support response_format json_schema (HTTP 500: 1 validation error" in lines[0]
-    assert lines[0].endswith("asking for json_object for the rest of the run")
-    assert run.stage_entry("summarize")["models"]["llm"]["response_formats"] == {server.url: "json_object"}
+    assert lines[0].endswith("asking for json_object (with the answer's schema) for the rest of the run")
+    assert run.stage_entry("summarize")["models"]["llm"]["response_formats"] == {server.url: "json_object+schema"}
     assert seconds < 10
 
 
@@ -119,7 +122,8 @@ def test_a_server_taking_only_text_is_told_in_one_line(groups, capsys):
     with ChatServer(respond) as server:
         result = summarize.run(cfg(server.url), run)
     assert result.counts["ok"] == len(candidates)
-    assert seen[:2] == ["json_schema", "json_object"] and set(seen[2:]) == {"text"}
+    # json_schema, json_object with the schema beside it, plain json_object: each refused once
+    assert seen[:3] == ["json_schema", "json_object", "json_object"] and set(seen[3:]) == {"text"}
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "does not support" in ln]
     assert len(lines) == 1 and "response_format json_schema or json_object" in lines[0] and "asking for text" in lines[0]
 
@@ -279,8 +283,9 @@ def test_summarize_through_a_real_llama_cpp_server(llama_cpp_server, groups, cap
     assert len(rows) == 3 and result.counts["groups"] == 3
     format_failures = [r for r in rows if r.status == "failed" and "response_format" in (r.error or "")]
     assert format_failures == [] and result.counts["failed"] == 0, [r.error for r in rows]
+    assert result.counts["parse_error"] == 0  # a JSON grammar decoded every answer
     assert all(r.raw.lstrip().startswith("{") for r in rows)  # json_object mode: the server's JSON grammar
     err = capsys.readouterr().err
     assert f"{llama_cpp_server} does not support response_format json_schema (HTTP 500: 1 validation error" in err
-    assert "asking for json_object" in err
+    assert "asking for json_object (with the answer's schema)" in err
     assert seconds < 120

@@ -143,6 +143,8 @@ def test_request_body_per_response_format():
     req = ChatRequest(messages=({"role": "user", "content": "q"},), schema={"type": "object"})
     assert backend.request_body(req, "json_schema")["response_format"]["json_schema"]["schema"] == {"type": "object"}
     assert backend.request_body(req, "json_object")["response_format"] == {"type": "json_object"}
+    with_schema = backend.request_body(req, "json_object+schema")["response_format"]
+    assert with_schema == {"type": "json_object", "schema": {"type": "object"}}
     body = backend.request_body(req, "text")
     assert "response_format" not in body and body["max_tokens"] == 9 and body["temperature"] == 0.0
 

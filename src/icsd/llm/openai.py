@@ -47,6 +47,15 @@ from .base import (
 HANDOFF_SECONDS = 0.02
 OPENAI_URL = "https://api.openai.com/v1"
 RESPONSE_FORMAT_CHOICES: tuple[str, ...] = ("auto", *RESPONSE_FORMATS)
+# What is tried, in order, per --response-format. "json_object+schema" is json_object with the
+# answer's schema beside it (llama-cpp-python constrains its JSON grammar to it; servers that
+# ignore unknown keys get plain JSON mode; a server that refuses the key gets plain json_object).
+LADDERS: dict[str, tuple[str, ...]] = {
+    "auto": ("json_schema", "json_object+schema", "json_object", "text"),
+    "json_schema": ("json_schema",),
+    "json_object": ("json_object+schema", "json_object"),
+    "text": ("text",),
+}
 STOP_AFTER_SAME_FAILURES = 8
 
 
@@ -356,13 +365,26 @@ class ServerState:
     and whether it has answered at all."""
 
     url: str
-    fmt: str
-    settled: bool  # the format is known to work (or was forced): no more probing
+    ladder: tuple[str, ...]  # the formats to try, best first
+    step: int = 0
+    settled: bool = False  # the format is known to work (or nothing else is left to try): no probing
     reached: bool = False
     rejected: list[str] = field(default_factory=list)  # formats it refused, in order
     rejection: str = ""  # how it refused the last one
     announced: bool = False
     lock: asyncio.Lock | None = None
+
+    @property
+    def fmt(self) -> str:
+        return self.ladder[self.step]
+
+    def can_step_down(self) -> bool:
+        return self.step + 1 < len(self.ladder)
+
+
+def format_name(step: str) -> str:
+    """The response_format type a ladder step sends."""
+    return step.partition("+")[0]
 
 
 class FailureWatch:
@@ -450,9 +472,10 @@ class OpenAIBackend(ChatBackend):
         self.stop_after = stop_after
         self.notify = notify or print_note
         self._rng = random.Random(seed)
-        forced = response_format != "auto"
-        first = response_format if forced else RESPONSE_FORMATS[0]
-        self.servers = [ServerState(url, first, settled=forced) for url in (self.base_urls or [OPENAI_URL])]
+        ladder = LADDERS[response_format]
+        self.servers = [
+            ServerState(url, ladder, settled=len(ladder) == 1) for url in (self.base_urls or [OPENAI_URL])
+        ]
         resolve_api_key(api_key_env, self.base_urls)  # fail early, before any request
 
     @classmethod
@@ -480,7 +503,7 @@ class OpenAIBackend(ChatBackend):
             "timeout": self.timeout,
             "max_retries": self.max_retries,
             "response_format": self.response_format,
-            "response_formats": {s.url: s.fmt for s in self.servers},
+            "response_formats": {s.url: s.fmt for s in self.servers},  # what each server ended on
         }
 
     # The client runs on its own event loop in a helper thread; answers come back through a
@@ -572,7 +595,9 @@ class OpenAIBackend(ChatBackend):
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": request.schema, "strict": True},
             }
-        elif fmt in ("json_schema", "json_object"):
+        elif fmt == "json_object+schema" and request.schema is not None:
+            body["response_format"] = {"type": "json_object", "schema": request.schema}
+        elif fmt != "text":
             body["response_format"] = {"type": "json_object"}
         return body
 
@@ -597,20 +622,22 @@ class OpenAIBackend(ChatBackend):
                 server.settled = True
                 self._announce(server)
                 return res, fmt
-            if self.response_format != "auto" or fmt == "text" or not names_response_format(res.message):
+            if server.fmt != fmt:  # another request learnt meanwhile that the server lacks fmt
+                continue
+            if not server.can_step_down() or not names_response_format(res.message):
                 return res, fmt
-            if server.fmt == fmt:  # the first request to learn it steps down for all
-                server.rejected.append(fmt)
-                server.rejection = f"HTTP {res.status}: {short(res.message)}"
-                server.fmt = RESPONSE_FORMATS[RESPONSE_FORMATS.index(fmt) + 1]
+            server.rejected.append(format_name(fmt))
+            server.rejection = f"HTTP {res.status}: {short(res.message)}"
+            server.step += 1
 
     def _announce(self, server: ServerState) -> None:
         if server.rejected and not server.announced:
             server.announced = True
-            refused = " or ".join(server.rejected)
+            refused = " or ".join(dict.fromkeys(server.rejected))
+            now = format_name(server.fmt) + (" (with the answer's schema)" if server.fmt.endswith("+schema") else "")
             self.notify(
                 f"note: {server.url} does not support response_format {refused} "
-                f"({server.rejection}); asking for {server.fmt} for the rest of the run"
+                f"({server.rejection}); asking for {now} for the rest of the run"
             )
 
     async def _answer(self, request: ChatRequest, transport: Transport, turn: Iterator[int]) -> ChatAnswer:
@@ -646,7 +673,9 @@ class OpenAIBackend(ChatBackend):
                 if fmt != "text" and names_response_format(res.message):
                     hint = "try --response-format auto" if self.response_format != "auto" else "no plainer format left"
                     return ChatAnswer(
-                        error=f"response_format {fmt} refused ({hint}): {last_error}", attempts=attempt + 1, permanent=True
+                        error=f"response_format {format_name(fmt)} refused ({hint}): {last_error}",
+                        attempts=attempt + 1,
+                        permanent=True,
                     )
                 if not looks_transient(res.status, res.message) and (
                     res.status < 500 or res.message == previous or "validation error" in res.message.lower()
