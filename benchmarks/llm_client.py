@@ -42,6 +42,7 @@ from icsd.llm.prompts import PromptSettings, answer_schema, load_template
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = Path(os.environ.get("ICSD_SHARED_DATA", ROOT.parent / "shared" / "data")) / "coco" / "captions_val2017.json"
+TEST_COCO = ROOT / "tests" / "data" / "coco" / "captions_val2017_subset.json"  # ships with the repository
 
 
 @dataclass
@@ -57,9 +58,9 @@ class Row:
         return self.sent - self.answered
 
 
-def candidate_sets(groups: int, k: int) -> list[list[str]]:
+def candidate_sets(groups: int, k: int, captions: Path = COCO) -> list[list[str]]:
     """``groups`` sets of ``k`` real COCO captions (consecutive windows over the corpus)."""
-    texts = [a["caption"].strip() for a in json.loads(COCO.read_text())["annotations"]]
+    texts = [a["caption"].strip() for a in json.loads(captions.read_text())["annotations"]]
     return [[texts[(g * 5 + j) % len(texts)] for j in range(k)] for g in range(groups)]
 
 
@@ -174,9 +175,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--stage", action="store_true", help="also time the whole summarize stage")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--captions", type=Path, default=COCO if COCO.is_file() else TEST_COCO,
+                        help="COCO captions file (default: the full val2017 file, else the tests' subset)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    sets = candidate_sets(args.groups, args.k)
+    sets = candidate_sets(args.groups, args.k, args.captions)
     requests = build_requests(sets)
     proc, url = start_server(args.delay)
     rows: list[Row] = []

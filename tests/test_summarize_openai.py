@@ -356,7 +356,7 @@ def test_client_benchmark_runs_on_a_small_scale(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "llm_client_bench", bench)
     spec.loader.exec_module(bench)
     rows = bench.main(["--groups", "24", "--k", "8", "--delay", "0.01", "--batch", "8", "--pause", "0.05",
-                       "--concurrency", "16"])
+                       "--concurrency", "16", "--captions", str(bench.TEST_COCO)])
     assert [r.lost for r in rows] == [0, 0, 0]
     out = capsys.readouterr().out
     assert "speed-up" in out and "72 requests sent, the server saw 72" in out
