@@ -98,7 +98,8 @@ def names_response_format(message: str) -> bool:
 # Words of error bodies that say "busy, try later" rather than "this request is wrong".
 _TRANSIENT_WORDS = (
     "overload", "busy", "timeout", "timed out", "try again", "unavailable", "capacity", "rate limit",
-    "too many", "temporarily", "out of memory", "loading", "queue", "connection",
+    "too many", "temporarily", "out of memory", "loading", "queue", "connection", "server error",
+    "internal error",
 )  # fmt: skip
 
 
