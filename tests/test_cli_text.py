@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 ICSD = [sys.executable, "-m", "icsd.cli"]
 
@@ -18,6 +19,7 @@ def icsd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ICSD, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_ingest_embed_group_on_real_coco_slice(tmp_path: Path, coco_slice: Path, tiny_sentence_model: Path) -> None:
     run = tmp_path / "run"
     r = icsd("ingest", str(coco_slice), "--run", str(run))

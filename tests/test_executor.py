@@ -70,7 +70,6 @@ def test_a_user_error_stays_one_with_the_shard_in_front(tmp_path: Path) -> None:
         run_tasks(make_tasks(tmp_path), MarkerFactory(str(tmp_path), FAILING, error="user"), quiet=True)
 
 
-@pytest.mark.slow
 def test_process_pool_cancels_the_queued_shards_after_a_failure(tmp_path: Path) -> None:
     """Two worker processes, ten shards, the second fails. Before the failure policy every queued
     shard still ran before the error surfaced (ten started); now the shards queued behind it never

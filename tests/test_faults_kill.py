@@ -44,7 +44,8 @@ from icsd.store import RunDir, is_done, iter_shard_samples, read_embeddings, rea
 from icsd.testing.chat_server import ChatServer, Reply, user_text
 from icsd.training import checkpoint as ckpt
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# long: kept in the default run (deselect with -m 'not slow')
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 _FIRST = re.compile(r"^\s*1\.\s+(.*)$", re.MULTILINE)
 

@@ -81,6 +81,7 @@ def fault_server(tmp_path: Path) -> Iterator[tuple[RunDir, str]]:
         proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ten_thousand_requests_through_a_misbehaving_server(
     fault_server: tuple[RunDir, str], monkeypatch: pytest.MonkeyPatch

@@ -16,6 +16,8 @@ import pytest
 from icsd import pipeline
 from icsd.testing.chat_server import ChatServer, echo_responder
 
+pytestmark = pytest.mark.slow  # long: kept in the default run (deselect with -m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ChatServer]:

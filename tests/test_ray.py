@@ -13,6 +13,7 @@ from icsd.stages import embed, ingest
 from icsd.store import RunDir, read_embeddings, sha256_file
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # long: kept in the default run (deselect with -m 'not slow')
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,6 @@ def test_embed_on_ray_equals_inline_byte_for_byte(local_ray, tmp_path: Path, coc
     assert again.counts["parts_computed"] == 0 and again.counts["parts_skipped"] == 5
 
 
-@pytest.mark.slow
 def test_render_on_two_ray_actors_equals_inline_pixel_for_pixel(local_ray, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import io
     import os

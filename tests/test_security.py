@@ -80,6 +80,7 @@ def files_holding(root: Path, needle: bytes) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client", ["openai", "aiohttp"])
 def test_a_planted_key_never_reaches_the_run_directory_or_the_logs(
     tmp_path: Path, key_server: tuple[str, type[KeyCheckingHandler]], client: str

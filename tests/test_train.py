@@ -64,6 +64,7 @@ def read_metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run.train / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_preset_reproduces_its_training_captions(tmp_path, items):
     run = paired_run(tmp_path / "run", items)
     val_images, val_captions = user_val_split(tmp_path / "val", items)
@@ -140,6 +141,7 @@ def kill_after_checkpoint(args: list[str], state_file: Path, min_step: int) -> i
     return int(json.loads(state_file.read_text())["step"])
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, items):
     steps = 16
     args_b = train_args(tmp_path / "b", steps)
@@ -172,6 +174,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, items):
         train_stage.run(config_from_args(args_b).model_copy(update={"lr": 1e-3}), run_b)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_and_accumulation_follow_the_single_process_loss_curve(tmp_path, items):
     common = ["--preset", "tiny", "--device", "cpu", "--max-steps", "6", "--log-every", "1", "--save-every", "6",
               "--num-workers", "0", "--val-fraction", "0.25", "--eval-every", "6", "--data-streams", "2",

@@ -17,6 +17,8 @@ from icsd.compare import compare_rows
 from icsd.store import done_shards, iter_shard_samples, safe_key
 from icsd.testing.chat_server import ChatServer, echo_responder
 
+pytestmark = pytest.mark.slow  # long: kept in the default run (deselect with -m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ChatServer]:
