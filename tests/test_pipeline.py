@@ -91,4 +91,4 @@ def test_run_command_prints_where_outputs_went(tmp_path: Path, server: ChatServe
     bad = subprocess.run(
         [sys.executable, "-m", "icsd.cli", "run", "--render.nope", "1"], capture_output=True, text=True, env=env
     )
-    assert bad.returncode == 2 and "render.nope: Extra inputs are not permitted" in bad.stderr
+    assert bad.returncode == 2 and "unknown key render.nope (from the command line)" in bad.stderr
