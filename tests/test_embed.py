@@ -91,6 +91,7 @@ def test_changed_captions_invalidate_parts(tmp_path: Path, tiny_sentence_model: 
     assert not (run.embeddings / "part-00002.parquet").exists()
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_same_vectors(tmp_path: Path, tiny_sentence_model: Path) -> None:
     inline = make_run(tmp_path / "inline", n=40)
     pooled = make_run(tmp_path / "pool", n=40)

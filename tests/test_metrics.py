@@ -97,6 +97,7 @@ def as_inputs(images: list[dict[str, Any]], refs: list[dict[str, Any]], preds: l
 # ----------------------------------------------------------------------------- equality with pycocoevalcap
 
 
+@pytest.mark.slow
 def test_equal_to_cocoevalcap_on_human_agreement(
     coco_captions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
