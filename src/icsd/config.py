@@ -86,11 +86,11 @@ class GroupConfig(StageConfig):
 
 class SummarizeConfig(StageConfig):
     backend: str = Field(
-        default="transformers", description="LLM backend: openai | vllm | transformers (any registered one)."
+        default="transformers", description="LLM backend: openai | vllm | transformers | llama-cpp (any registered one)."
     )
     model: str = Field(
         default=DEFAULT_LLM_MODEL,
-        description="Model id, path or .gguf file; for openai the server's model name (default: SmolLM2-135M-Instruct, packaged GGUF for transformers).",
+        description="Model id, path or .gguf file; for openai the server's model name (default: SmolLM2-135M-Instruct, packaged GGUF for transformers and llama-cpp).",
     )
     gguf_file: str | None = Field(
         default=None, description="GGUF file name inside the model's folder or repo."

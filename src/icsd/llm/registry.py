@@ -1,7 +1,7 @@
 """The ``--backend`` names of the summarize stage.
 
 Entries are registered lazily as ``"module:attribute"``: listing the names or validating a config
-imports neither torch nor vLLM nor the openai client. A new backend is a :class:`~icsd.llm.base.ChatBackend`
+imports neither torch nor vLLM nor llama.cpp nor the openai client. A new backend is a :class:`~icsd.llm.base.ChatBackend`
 subclass in its own module, one line here, and a test class that subclasses
 ``tests/llm_backend_contract.py:LLMBackendContract``.
 """
@@ -19,6 +19,7 @@ LLM_BACKENDS: Registry[Any] = Registry("LLM backend")
 LLM_BACKENDS.register("openai", "icsd.llm.openai:OpenAIBackend")
 LLM_BACKENDS.register("transformers", "icsd.llm.transformers_backend:TransformersBackend")
 LLM_BACKENDS.register("vllm", "icsd.llm.vllm_backend:VLLMBackend")
+LLM_BACKENDS.register("llama-cpp", "icsd.llm.llamacpp_backend:LlamaCppBackend")
 
 
 def make_backend(spec: BackendSpec) -> ChatBackend:
