@@ -3,11 +3,12 @@
 - :mod:`~icsd.llm.base`: the backend interface (requests in, raw answers out) and :class:`BackendSpec`;
 - :mod:`~icsd.llm.registry`: ``LLM_BACKENDS``, the ``--backend`` names, and :func:`make_backend`;
 - :mod:`~icsd.llm.openai`: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, TGI, ...);
-- :mod:`~icsd.llm.transformers_backend`, :mod:`~icsd.llm.vllm_backend`: local engines;
+- :mod:`~icsd.llm.transformers_backend`, :mod:`~icsd.llm.vllm_backend`,
+  :mod:`~icsd.llm.llamacpp_backend`: local engines;
 - :mod:`~icsd.llm.prompts`, :mod:`~icsd.llm.answers`, :mod:`~icsd.llm.cache`: prompt templates and
   answer schema, strict answer parsing, the SQLite request cache.
 
-Importing this package is light: no torch, vLLM or HTTP client is loaded until a backend is built.
+Importing this package is light: no torch, vLLM, llama.cpp or HTTP client is loaded until a backend is built.
 """
 
 from .base import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, FatalBackendError, GenerationParams
