@@ -281,7 +281,6 @@ def sd1_components(folder: Path, scale: Scale) -> dict[str, Any]:
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 
     from .backends.captioners import clip_image_processor
-
     from .backends.t2i import tiny_pipeline_components, write_clip_tokenizer_files
 
     if scale == "tiny":
