@@ -87,6 +87,9 @@ class CaptionerSpec:
     beams: int = 3
     min_new_tokens: int = 5
     max_new_tokens: int = 30
+    caption_style: str = "plain"
+    caption_max_words: int | None = None
+    test_resize: str = "crop"
 
     @property
     def family(self) -> type[CaptionerFamily]:
@@ -262,6 +265,27 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+OFFICIAL_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+
+
+def official_caption(text: str, max_words: int | None = 30) -> str:
+    """The official training text (``pre_caption`` of the ICSD/BLIP code): lower-cased, the
+    characters ``.!"()*#:;~`` replaced by spaces, spaces collapsed, at most ``max_words`` words."""
+    words = re.sub(r"\s{2,}", " ", OFFICIAL_PUNCTUATION.sub(" ", text.lower())).strip(" \n").split(" ")
+    return " ".join(words[:max_words] if max_words else words)
+
+
+def squash_processor(processor: Any) -> Any:
+    """``processor`` resizing to ``size x size`` without keeping the aspect ratio and without a crop
+    (bicubic): the official test-time transform ``Resize((s, s), BICUBIC)``."""
+    crop = getattr(processor, "crop_size", None)
+    side = int(crop["height"]) if crop else int(processor.size["shortest_edge"])
+    processor.size = {"height": side, "width": side}
+    processor.do_center_crop = False
+    processor.resample = 3  # PIL.Image.BICUBIC
+    return processor
+
+
 def encode_decoder_texts(
     tokenizer: Any, prompt: str, captions: Sequence[str], max_tokens: int, fixed: bool = False
 ) -> TextBatch:
@@ -390,9 +414,15 @@ class CaptionerFamily:
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         label_smoothing: float = 0.0,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The summed label-smoothed token cross-entropy (divide by the token count)."""
-        logits = cls.logits(model, images, input_ids, attention_mask)
+        """The summed label-smoothed token cross-entropy (divide by the token count). With
+        ``image_index``, ``images`` holds each image once and caption ``i`` is of image
+        ``image_index[i]`` (image-grouped steps)."""
+        if image_index is None:
+            logits = cls.logits(model, images, input_ids, attention_mask)
+        else:
+            logits = cls.grouped_logits(model, images, image_index, input_ids, attention_mask)
         return F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
             labels[:, 1:].reshape(-1),
@@ -400,6 +430,20 @@ class CaptionerFamily:
             label_smoothing=label_smoothing,
             reduction="sum",
         )
+
+    @classmethod
+    def grouped_logits(
+        cls,
+        model: Any,
+        images: torch.Tensor,
+        image_index: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`logits` for captions of fewer images (caption ``i`` of ``images[image_index[i]]``).
+        This default repeats the images; a family that can run its vision side once per image
+        overrides it (the loss and gradients must stay those of the repeated images)."""
+        return cls.logits(model, images.index_select(0, image_index), input_ids, attention_mask)
 
     @classmethod
     def generate(cls, model: Any, tokenizer: Any, pixels: torch.Tensor, prompt: str, **settings: Any) -> torch.Tensor:
@@ -471,6 +515,63 @@ def compose_encoder_decoder(encoder: Any, decoder: Any) -> Any:
     return model
 
 
+def cross_attention_modules(decoder: Any) -> list[nn.Module]:
+    """The cross-attention cores (query/key/value projections) of a BERT decoder's layers."""
+    return [
+        m
+        for name, m in decoder.named_modules()
+        if name.endswith("crossattention.self") and all(hasattr(m, a) for a in ("query", "key", "value"))
+    ]
+
+
+def _grouped_cross_attention(
+    module: Any, image_index: torch.Tensor
+) -> Any:
+    """A forward for one cross-attention core that projects keys and values of the per-image
+    encoder states once per image and indexes them out to one row per caption."""
+
+    def forward(
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        **_: Any,
+    ) -> tuple[torch.Tensor, None]:
+        assert encoder_hidden_states is not None and cache is None
+        heads, size = module.num_attention_heads, module.attention_head_size
+        b, t = hidden_states.shape[:2]
+        n, s = encoder_hidden_states.shape[:2]
+        query = module.query(hidden_states).view(b, t, heads, size).transpose(1, 2)
+        key = module.key(encoder_hidden_states).view(n, s, heads, size).transpose(1, 2).index_select(0, image_index)
+        value = module.value(encoder_hidden_states).view(n, s, heads, size).transpose(1, 2).index_select(0, image_index)
+        if attention_mask is not None and attention_mask.shape[0] == n != b:
+            attention_mask = attention_mask.index_select(0, image_index)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=module.dropout.p if module.training else 0.0,
+            scale=getattr(module, "scaling", size**-0.5),
+        )
+        return out.transpose(1, 2).reshape(b, t, heads * size), None
+
+    return forward
+
+
+@contextlib.contextmanager
+def kv_per_image(modules: Sequence[nn.Module], image_index: torch.Tensor) -> Iterator[None]:
+    """While active, the decoder's cross-attention takes per-image encoder states: keys and values
+    are computed once per image and shared by that image's captions (``image_index``)."""
+    for m in modules:
+        m.forward = _grouped_cross_attention(m, image_index)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
 def decoder_prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
     """``[[start, *prompt]]``: what an encoder-decoder captioner's decoder starts from."""
     start, _, _ = special_ids(tokenizer)
@@ -530,6 +631,32 @@ class IcsdCaptioner(CaptionerFamily):
         cls, model: Any, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         out = model(pixel_values=images, decoder_input_ids=input_ids, decoder_attention_mask=attention_mask)
+        return out.logits  # type: ignore[no-any-return]
+
+    @classmethod
+    def grouped_logits(
+        cls,
+        model: Any,
+        images: torch.Tensor,
+        image_index: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The vision encoder and the cross-attention key/value projections once per image, the
+        rest of the decoder once per caption (what ``model(...)`` computes on repeated images)."""
+        cores = cross_attention_modules(model.decoder)
+        if not cores:
+            return super().grouped_logits(model, images, image_index, input_ids, attention_mask)
+        states = model.encoder(pixel_values=images).last_hidden_state
+        if (
+            model.encoder.config.hidden_size != model.decoder.config.hidden_size
+            and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None
+        ):
+            states = model.enc_to_dec_proj(states)
+        with kv_per_image(cores, image_index):
+            out = model.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=states, use_cache=False
+            )
         return out.logits  # type: ignore[no-any-return]
 
     @classmethod
@@ -699,6 +826,8 @@ class CaptionModel:
 
     def __post_init__(self) -> None:
         self.model.generation_config = self.family.generation_config(self.tokenizer, self.spec)
+        if self.spec.test_resize == "squash":
+            self.image_processor = squash_processor(self.image_processor)
 
     @property
     def prompt(self) -> str:
@@ -709,7 +838,10 @@ class CaptionModel:
 
     def text_batch(self, captions: Sequence[str], max_tokens: int, fixed: bool = False) -> TextBatch:
         """Tokenised captions; ``fixed`` pads every batch to the longest possible length (static
-        shapes, so ``torch.compile`` does not recompile for each new caption length)."""
+        shapes, so ``torch.compile`` does not recompile for each new caption length). With the
+        ``official`` caption style the text is first cleaned as the official code does."""
+        if self.spec.caption_style == "official":
+            captions = [official_caption(c, self.spec.caption_max_words) for c in captions]
         return self.family.text_batch(self, captions, max_tokens, fixed)
 
     def loss_module(self, label_smoothing: float) -> CaptionLoss:
@@ -744,9 +876,16 @@ class CaptionLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.family.loss(self.model, images, input_ids, attention_mask, labels, self.label_smoothing)
+        return self.family.loss(
+            self.model, images, input_ids, attention_mask, labels, self.label_smoothing, image_index=image_index
+        )
 
     def logits(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.family.logits(self.model, images, input_ids, attention_mask)
@@ -776,7 +915,12 @@ class Captioner:
         min_new_tokens: int = 5,
         max_new_tokens: int = 30,
         batch_size: int = 32,
+        lengths: str = "new",
     ) -> list[str]:
+        """Captions of ``images``; with ``lengths="total"`` the two lengths count the decoder's
+        prompt tokens too (``[CLS] a picture of``), as ``min_length``/``max_length`` do."""
+        if lengths == "total":
+            min_new_tokens, max_new_tokens = self.new_token_range(min_new_tokens, max_new_tokens)
         out: list[str] = []
         was_training = self.model.training
         self.model.eval()
@@ -787,6 +931,11 @@ class Captioner:
         finally:
             self.model.train(was_training)
         return out
+
+    def new_token_range(self, min_length: int, max_length: int) -> tuple[int, int]:
+        """(min, max) new tokens for total lengths that include the decoder prompt's tokens."""
+        prompt_tokens = int(decoder_prompt_ids(self.tokenizer, self.prompt).shape[1])
+        return max(0, min_length - prompt_tokens), max(1, max_length - prompt_tokens)
 
     def _caption_batch(self, images: list[Image.Image], beams: int, min_new: int, max_new: int) -> list[str]:
         pixels = self.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
