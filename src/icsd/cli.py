@@ -317,7 +317,8 @@ def caption(
     "  icsd run configs/icsd_coco.yaml --run runs/coco\n\n"
     "  icsd run configs/icsd_coco.yaml --from render --to train\n\n"
     "  icsd run --render.model CompVis/stable-diffusion-v1-4 --render.size 512\n\n"
-    "  icsd run configs/icsd_coco.yaml --force summarize",
+    "  icsd run configs/icsd_coco.yaml --force summarize\n\n"
+    "  icsd run configs/icsd_coco.yaml --rehearse --run runs/rehearsal   # a plan before the GPU-day",
 )
 def run_chain(
     ctx: typer.Context,
@@ -327,16 +328,35 @@ def run_chain(
     force: Annotated[
         list[str] | None, typer.Option("--force", help="Redo this stage from scratch (repeatable).")
     ] = None,
+    rehearse: Annotated[
+        bool,
+        typer.Option(
+            "--rehearse",
+            help="Real architectures with random weights on a small slice, reduced steps, offline: "
+            "a plan of the full run in RUN/rehearsal.json (--rehearse.captions N, .images, .steps, "
+            ".train_steps, .batch, .eval_images, .prompts, .corpus_size).",
+        ),
+    ] = False,
 ) -> None:
     """icsd run [CONFIG] [--stage.key VALUE ...]: the whole chain.
 
     CONFIG is a pipeline YAML (default: the bundled offline quickstart). Settings resolve as
     RUN/config.yaml <- CONFIG (with its base: chain) <- --stage.key VALUE. Unchanged stages are
-    skipped, interrupted ones resume.
+    skipped, interrupted ones resume. With --rehearse: every model at its real architecture with
+    random weights, a small slice, reduced steps; prints and writes RUN/rehearsal.json.
     """
     from . import pipeline
 
     config_file, overrides = split_run_args(list(ctx.args))
+    if rehearse:
+        from .rehearse import rehearse as run_rehearsal
+
+        rehearsal = run_rehearsal(config_file, overrides, run, echo=typer.echo)
+        typer.echo(rehearsal.table)
+        typer.echo(f"rehearsal: {rehearsal.document['wall_seconds']:.0f}s -> {rehearsal.path}")
+        return
+    if any(key.startswith("rehearse.") for key in overrides):
+        raise UserError("--rehearse.* options need --rehearse")
     cfg = pipeline.load_config(config_file, overrides, run)
     run_path = run if run is not None else pipeline.default_run_dir(cfg)
     with run_dir_guard(run_path):
