@@ -73,6 +73,7 @@ def caption_batched(
     min_new_tokens: int = 5,
     max_new_tokens: int = 30,
     batch_size: int = 32,
+    lengths: str = "new",
     on_skip: Callable[[T, str], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Captioned[T]:
@@ -97,6 +98,7 @@ def caption_batched(
                 min_new_tokens=min_new_tokens,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                lengths=lengths,
             )
             out.captions += [(item, text) for (item, _), text in zip(batch, texts, strict=True)]
         if progress is not None:

@@ -102,16 +102,32 @@ class SummarizeConfig(StageConfig):
     api_key_env: str = Field(
         default="OPENAI_API_KEY", description="Environment variable holding the API key."
     )
-    prompt: str | None = Field(default=None, description="Jinja2 prompt template file (default: bundled).")
-    mode: Literal["select", "first-n"] = Field(
-        default="select", description="select (choose 5-10 and summarise) | first-n (condense the first N)."
+    prompt: str | None = Field(
+        default=None,
+        description="Prompt: a bundled name, official (the official code's prompt verbatim) | icsd | first-n, "
+        "or a Jinja2 template file (default: icsd in select mode, first-n in first-n mode).",
     )
-    n: int = Field(default=5, ge=1, description="Captions condensed in first-n mode.")
+    mode: Literal["select", "first-n", "remap"] = Field(
+        default="select",
+        description="select (choose 5-10 and summarise) | first-n (condense the first N) | remap (no LLM: the "
+        "head caption is rendered and paired with the first N candidates, as the official remapping.py).",
+    )
+    answers: Literal["strict", "official"] = Field(
+        default="strict",
+        description="How answers are read: strict (JSON, min_select..max_select distinct indices, at most "
+        "max_words words) | official (JSON or a Python-literal dict, any number of indices, any length, "
+        "as the official postprocess.py kept them). Every mode checks summaries for sense.",
+    )
+    n: int = Field(default=5, ge=1, description="Captions condensed in first-n mode, paired per group in remap mode.")
     min_select: int = Field(default=5, ge=1, description="Fewest captions a valid answer selects.")
     max_select: int = Field(default=10, ge=1, description="Most captions a valid answer selects.")
     max_words: int = Field(default=50, ge=1, description="Word limit of the summary.")
     max_new_tokens: int = Field(default=500, ge=1, description="Longest answer in tokens.")
-    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature (0 = greedy).")
+    temperature: float | None = Field(
+        default=0.0,
+        ge=0.0,
+        description="Sampling temperature (0 = greedy; null = none sent: the server's or engine's default).",
+    )
     concurrency: int = Field(default=64, ge=1, description="Requests in flight (openai).")
     timeout: float = Field(default=120.0, gt=0, description="Seconds per request before it is retried.")
     max_retries: int = Field(default=6, ge=0, description="Retries per request on 429/5xx/timeouts.")
@@ -131,10 +147,10 @@ class SummarizeConfig(StageConfig):
     part_size: int = Field(default=1000, ge=1, description="Groups per output part (unit of resume).")
     limit: int | None = Field(default=None, ge=1, description="Only the first N groups.")
     sample: int | None = Field(default=None, ge=1, description="A random sample of N groups (see --seed).")
-    seed: int = Field(default=0, description="Seed of --sample.")
+    seed: int = Field(default=0, description="Seed of --sample; --retry re-asks with seed + the group's attempts.")
     retry: bool = Field(
         default=False,
-        description="Also redo groups whose record is not ok (this invocation only).",
+        description="Also redo groups whose record is not ok, with a new sampling seed (this invocation only).",
         json_schema_extra={"transient": True},
     )
     device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N (transformers, process workers).")
@@ -285,6 +301,33 @@ class TrainConfig(StageConfig):
         description="Input size (default per preset; icsd: 384, position embeddings interpolated).",
     )
     prompt: str = Field(default="a picture of ", description="Text the decoder starts from.")
+    caption_style: Literal["plain", "official"] = Field(
+        default="plain",
+        description="Training caption text: plain (whitespace collapsed) | official (lower-cased, "
+        '.!"()*#:;~ replaced by spaces, at most caption_max_words words).',
+    )
+    caption_max_words: int | None = Field(
+        default=None, ge=1, description="With caption_style official: words kept per caption (official: 30)."
+    )
+    test_resize: Literal["crop", "squash"] = Field(
+        default="crop",
+        description="Test-time image: crop (shortest side to image_size, centre crop) | squash "
+        "(resized to image_size x image_size, bicubic, as the official code). Saved in the checkpoint.",
+    )
+    decode_lengths: Literal["new", "total"] = Field(
+        default="new",
+        description="Validation min/max_new_tokens count new tokens only, or (total) the prompt's "
+        "tokens too, as the official min_length/max_length do.",
+    )
+    val_tokenizer: Literal["simple", "ptb"] = Field(
+        default="simple",
+        description="Tokenisation of validation scores: simple (lower-case, punctuation stripped) | "
+        "ptb (pycocoevalcap's PTB tokenizer, as the official selection).",
+    )
+    lr_schedule: Literal["step", "epoch"] = Field(
+        default="step",
+        description="Cosine decay per step, or per epoch (the official cosine_lr_schedule: constant within an epoch).",
+    )
     label_smoothing: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Label smoothing of the token loss."
     )
@@ -307,12 +350,26 @@ class TrainConfig(StageConfig):
         default=True, description="Precompute frozen image features once when augmentation is off."
     )
     shuffle_buffer: int = Field(default=1000, ge=1, description="Pairs in each stream's shuffle buffer.")
+    data_order: Literal["official", "streams"] = Field(
+        default="streams",
+        description="official: every pair once per epoch in one global shuffle (the paper's DistributedSampler; "
+        "seeded by seed + epoch, the same on any GPU count, random reads from the shards) | streams: shards "
+        "drawn with replacement through a shuffle buffer (sequential reads).",
+    )
+    group_captions: bool = Field(
+        default=False,
+        description="Image-grouped steps (needs data_order official): a step takes images with all their "
+        "captions, the vision encoder runs once per image (one crop shared by its captions); batch_size "
+        "still counts pairs on average. A deviation from the paper (docs/fidelity.md).",
+    )
     data_streams: int | None = Field(
         default=None,
         ge=1,
         description="Global data streams (keep fixed across GPU counts for the same batches).",
     )
-    val_max_images: int = Field(default=500, ge=1, description="Validation images used at most.")
+    val_max_images: int | None = Field(
+        default=500, ge=1, description="Validation images used at most (null = the whole split)."
+    )
     log_every: int = Field(default=10, ge=1, description="Append to metrics.jsonl every N steps.")
     restart: bool = Field(
         default=False,
@@ -382,6 +439,11 @@ class EvaluateConfig(StageConfig):
     beams: int = Field(default=3, ge=1, description="Beam width.")
     min_new_tokens: int = Field(default=5, ge=0, description="Shortest caption in tokens.")
     max_new_tokens: int = Field(default=30, ge=1, description="Longest caption in tokens.")
+    decode_lengths: Literal["new", "total"] = Field(
+        default="new",
+        description="min/max_new_tokens count new tokens only, or (total) the prompt's tokens too, "
+        "as the official min_length/max_length do.",
+    )
     device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N.")
     subset: bool = Field(default=False, description="Score only the predicted images.")
     limit: int | None = Field(
@@ -432,6 +494,7 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 DEFAULT_SOURCE = "default"
 COMMAND_LINE = "the command line"
 PKG_PREFIX = "pkg:"
+SANDBOX_PREFIX = "sandbox:"  # a file of a sandbox world, written on first use (icsd.sandbox.make)
 TOP_LEVEL = ("name", "run_dir")
 
 
@@ -450,13 +513,18 @@ def quickstart_config_path() -> Path:
 
 
 def resolve_package_paths(data: Any) -> Any:
-    """Replace every ``pkg:relative/path`` string in a config by the file's installed path."""
+    """Replace every ``pkg:relative/path`` string in a config by the file's installed path, and
+    every ``sandbox:WORLD/FILE`` by the file of that sandbox world."""
     if isinstance(data, dict):
         return {k: resolve_package_paths(v) for k, v in data.items()}
     if isinstance(data, list):
         return [resolve_package_paths(v) for v in data]
     if isinstance(data, str) and data.startswith(PKG_PREFIX):
         return str(package_file(data[len(PKG_PREFIX) :]))
+    if isinstance(data, str) and data.startswith(SANDBOX_PREFIX):
+        from .sandbox.make import resolve_path
+
+        return resolve_path(data)
     return data
 
 

@@ -145,6 +145,7 @@ def caption_images(cfg: EvaluateConfig, refs: References) -> tuple[dict[str, str
             min_new_tokens=cfg.min_new_tokens,
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.batch_size,
+            lengths=cfg.decode_lengths,
             progress=bar.update,
         )
     skipped = [(path.name, reason) for (_, path), reason in done.skipped]

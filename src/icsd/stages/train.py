@@ -53,6 +53,7 @@ from ..training import checkpoint as ckpt
 from ..training.augment import center_square
 from ..training.data import PairStreams, StreamPlan, decode_image, plan_streams, processor_normalizer
 from ..training.distributed import Ranks, all_reduce_sum, barrier, gather_lists, init_ranks, shutdown
+from ..training.epochs import EpochPlan, OfficialPairs, index_shards, join_parts, micro_batches
 from ..training.validation import (
     ValSet,
     caption_scores,
@@ -126,7 +127,31 @@ def captioner_spec(cfg: TrainConfig) -> CaptionerSpec:
         beams=cfg.beams,
         min_new_tokens=cfg.min_new_tokens,
         max_new_tokens=cfg.max_new_tokens,
+        caption_style=cfg.caption_style,
+        caption_max_words=cfg.caption_max_words,
+        test_resize=cfg.test_resize,
     ).resolved()
+
+
+def epoch_cosine(step: int, steps_per_epoch: int, total: int, warmup: int) -> float:
+    """The official schedule's factor: cosine over epochs, constant within an epoch (its
+    ``cosine_lr_schedule`` runs at each epoch boundary), after an optional linear warmup."""
+    if step < warmup:
+        return (step + 1) / warmup
+    epochs = max(1, math.ceil(total / steps_per_epoch))
+    return 0.5 * (1.0 + math.cos(math.pi * (step // steps_per_epoch) / epochs))
+
+
+def lr_schedule(opt: Any, cfg: TrainConfig, total: int, steps_per_epoch: int) -> Any:
+    """Cosine decay to 0 per step (``step``) or per epoch (``epoch``, the official recipe)."""
+    if cfg.lr_schedule == "epoch":
+        from functools import partial
+
+        factor = partial(epoch_cosine, steps_per_epoch=steps_per_epoch, total=total, warmup=cfg.warmup_steps)
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
 
 
 def resolved_settings(cfg: TrainConfig, spec: CaptionerSpec) -> dict[str, Any]:
@@ -228,6 +253,8 @@ class Trainer:
         ranks may: the same data streams and global batch give the same batches on any count."""
         ident = {k: self.settings[k] for k in IDENTITY_FIELDS}
         ident.update(global_batch=self.cfg.batch_size * self.ranks.world, streams=streams)
+        if self.cfg.data_order != "streams":  # absent for streams: checkpoints made before the setting still match
+            ident.update(data_order=self.cfg.data_order, group_captions=self.cfg.group_captions, streams=None)
         ident.update(pairs_sha256=data.pairs_sha256, holdout=hash_obj(sorted(data.holdout)))
         return ident
 
@@ -338,8 +365,9 @@ class Trainer:
         captioner = cm.captioner(ranks.device)
         mine = list(range(ranks.rank, len(valset), ranks.world))
         done = caption_valset(
-            captioner, valset, mine, beams=cfg.beams, min_new_tokens=cfg.min_new_tokens, max_new_tokens=cfg.max_new_tokens
-        )
+            captioner, valset, mine, beams=cfg.beams, min_new_tokens=cfg.min_new_tokens,
+            max_new_tokens=cfg.max_new_tokens, lengths=cfg.decode_lengths,
+        )  # fmt: skip
         ordered = sorted(gather_lists([[j, t] for j, t in done.captions], ranks))
         skipped = sorted(gather_lists([[valset.ids[j], why] for j, why in done.skipped], ranks))
         note = skipped_note(len(skipped), len(valset), skipped, "validation images")
@@ -347,7 +375,7 @@ class Trainer:
             self.notes.append(note)
         if not ordered:
             raise UserError(f"none of the {len(valset)} validation images could be read ({valset.source})")
-        scores = caption_scores([t for _, t in ordered], [valset.refs[j] for j, _ in ordered])
+        scores = caption_scores([t for _, t in ordered], [valset.refs[j] for j, _ in ordered], cfg.val_tokenizer)
         return {**scores, "images": len(ordered), "unreadable": len(skipped)}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -355,10 +383,14 @@ class Trainer:
     def train(self, timer: Timer) -> StageResult:
         cfg, ranks = self.cfg, self.ranks
         data = load_train_data(self.run, cfg)
+        if cfg.group_captions and cfg.data_order != "official":
+            raise UserError("train.group_captions needs train.data_order official (--data-order official)")
         try:
             streams, stream_batch, workers = plan_streams(cfg.data_streams, ranks.world, cfg.num_workers, cfg.batch_size)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if cfg.data_order == "official":
+            streams, workers = 0, cfg.num_workers
         identity = self.identity(data, streams)
         valset = self.validation_set(data)
         if ranks.main:
@@ -373,8 +405,15 @@ class Trainer:
             ckpt.load_model_weights(cm.model, folder)
         cm.model.to(ranks.device).train()
 
-        plan = self.stream_plan(data, cm, streams, stream_batch)
-        dataset = PairStreams(plan, ranks.rank, processor_normalizer(cm.image_processor))
+        dataset: PairStreams | OfficialPairs
+        if cfg.data_order == "official":
+            order = self.epoch_plan(data, cm)
+            dataset = OfficialPairs(order, ranks.rank, processor_normalizer(cm.image_processor))
+            steps_per_epoch, _ = micro_batches(len(dataset.units), order.unit_batch, ranks.world, cfg.grad_accum)
+        else:
+            plan = self.stream_plan(data, cm, streams, stream_batch)
+            dataset = PairStreams(plan, ranks.rank, processor_normalizer(cm.image_processor))
+            steps_per_epoch = max(1, math.ceil(data.pairs / (cfg.batch_size * ranks.world * cfg.grad_accum)))
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -383,13 +422,10 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed),
             prefetch_factor=4 if workers else None,
         )
-        steps_per_epoch = max(1, math.ceil(data.pairs / (cfg.batch_size * ranks.world * cfg.grad_accum)))
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
         params = cm.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=self.settings["lr"], weight_decay=cfg.weight_decay, fused=self.cuda)
-        from transformers import get_cosine_schedule_with_warmup
-
-        sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
+        sched = lr_schedule(opt, cfg, total, steps_per_epoch)
         start, best = self.restore(folder, state, opt, sched)
         self.open_tensorboard()
 
@@ -428,6 +464,38 @@ class Trainer:
             world=self.ranks.world,
             stream_batch=stream_batch,
             shuffle_buffer=cfg.shuffle_buffer,
+            image_size=cm.image_size,
+            augment=augment,
+            crop_scale_min=cfg.crop_scale_min,
+            features=use_features,
+        )
+
+    def epoch_plan(self, data: TrainData, cm: CaptionModel) -> EpochPlan:
+        """The official order's plan: image shards (or feature shards) indexed for random reads."""
+        cfg = self.cfg
+        augment = bool(self.settings["augment"])
+        use_features = cm.family.trains_on_features and cfg.precompute_features and not augment
+        urls = (
+            precompute_features(self.run, data, cm, self.spec, self.ranks)
+            if use_features
+            else [str(self.run.images / s) for s in data.shards]
+        )
+        members = index_shards(urls, set(data.captions), use_features)
+        keys = tuple(k for k in sorted(data.captions) if k in members)
+        if len(keys) < len(data.captions):
+            missing = sorted(set(data.captions) - set(keys))
+            self.notes.append(f"note: {len(missing)} training images not found in their shards (e.g. {missing[0]}); left out")
+        unit_batch = cfg.batch_size
+        if cfg.group_captions:  # images per rank micro-batch: batch_size pairs on average
+            unit_batch = max(1, round(cfg.batch_size * len(data.captions) / data.pairs))
+        return EpochPlan(
+            keys=keys,
+            captions={k: data.captions[k] for k in keys},
+            members=members,
+            seed=cfg.seed,
+            world=self.ranks.world,
+            unit_batch=unit_batch,
+            grouped=cfg.group_captions,
             image_size=cm.image_size,
             augment=augment,
             crop_scale_min=cfg.crop_scale_min,
@@ -486,19 +554,24 @@ class Trainer:
             notes=self.notes,
         )
 
-    def next_micro(self, it: Any, workers: int, cm: CaptionModel) -> tuple[torch.Tensor, Any, int]:
-        parts = [next(it) for _ in range(max(1, workers))]
-        images = torch.cat([p["images"] for p in parts]) if len(parts) > 1 else parts[0]["images"]
-        captions = [c for p in parts for c in p["captions"]]
+    def next_micro(self, it: Any, workers: int, cm: CaptionModel) -> tuple[torch.Tensor, Any, int, torch.Tensor | None]:
+        """(images, text, real pairs, image index or None) of this rank's next micro-batch; pad
+        rows (official order, a rank with no share of the epoch's last batch) have no labels."""
+        batch = join_parts([next(it) for _ in range(max(1, workers))])
+        captions = batch["captions"]
         text = cm.text_batch(captions, self.cfg.max_tokens, fixed=self.cfg.compile)
-        return images, text, len(captions)
+        pad = batch.get("pad")
+        if pad is not None and any(pad):
+            text.labels[torch.tensor(pad, dtype=torch.bool)] = -100
+        real = len(captions) - sum(pad or [])
+        return batch["images"], text, real, batch.get("image_index")
 
     def loop(
         self,
         cm: CaptionModel,
         loss_module: Any,
         loader: DataLoader[Any],
-        dataset: PairStreams,
+        dataset: PairStreams | OfficialPairs,
         opt: Any,
         sched: Any,
         params: list[torch.nn.Parameter],
@@ -528,9 +601,9 @@ class Trainer:
                 micro = [self.next_micro(it, workers, cm) for _ in range(accum)]
                 window["wait"] += time.perf_counter() - t0
                 tokens = all_reduce_sum(
-                    torch.tensor(float(sum(t.tokens() for _, t, _ in micro)), device=device), ranks
+                    torch.tensor(float(sum(t.tokens() for _, t, _, _ in micro)), device=device), ranks
                 )
-                for j, (images, text, n) in enumerate(micro):
+                for j, (images, text, n, image_index) in enumerate(micro):
                     sync = j == accum - 1 or not ranks.distributed
                     with (contextlib.nullcontext() if sync else loss_module.no_sync()), autocast:
                         loss_sum = loss_module(
@@ -538,6 +611,7 @@ class Trainer:
                             text.input_ids.to(device, non_blocking=True),
                             text.attention_mask.to(device, non_blocking=True),
                             text.labels.to(device, non_blocking=True),
+                            **({} if image_index is None else {"image_index": image_index.to(device, non_blocking=True)}),
                         )
                     (loss_sum * (ranks.world / tokens)).backward()
                     window["loss"] += loss_sum.detach().float()

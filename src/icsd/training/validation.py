@@ -53,7 +53,7 @@ class ValSet:
 # ----------------------------------------------------------------------------- user split
 
 
-def load_user_split(images_dir: str, captions_file: str, limit: int) -> ValSet:
+def load_user_split(images_dir: str, captions_file: str, limit: int | None) -> ValSet:
     """The images of ``images_dir`` that the captions file names (matched on the file name), by image id."""
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
@@ -78,12 +78,12 @@ def load_user_split(images_dir: str, captions_file: str, limit: int) -> ValSet:
 # ----------------------------------------------------------------------------- held-out synthetic
 
 
-def holdout_keys(keys: Iterable[str], fraction: float, limit: int) -> set[str]:
+def holdout_keys(keys: Iterable[str], fraction: float, limit: int | None) -> set[str]:
     """A fixed pseudo-random share of the image keys (at least one, never all), by key hash."""
     keys = sorted(set(keys))
     if fraction <= 0 or len(keys) < 2:
         return set()
-    n = min(max(1, math.ceil(fraction * len(keys))), limit, len(keys) - 1)
+    n = min(max(1, math.ceil(fraction * len(keys))), limit or len(keys), len(keys) - 1)
     ordered = sorted(keys, key=lambda k: hashlib.sha256(k.encode("utf-8")).hexdigest())
     return set(ordered[:n])
 
@@ -108,6 +108,7 @@ def caption_valset(
     min_new_tokens: int,
     max_new_tokens: int,
     batch_size: int = 32,
+    lengths: str = "new",
 ) -> Captioned[int]:
     """Caption the validation items ``indices``; unreadable images are skipped and counted."""
     return caption_batched(
@@ -118,6 +119,7 @@ def caption_valset(
         min_new_tokens=min_new_tokens,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        lengths=lengths,
     )
 
 
@@ -136,15 +138,31 @@ def simple_tokens(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
 
 
-def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """BLEU-1..4 and CIDEr of predictions against their references, and CIDEr + BLEU-4."""
+def ptb_tokenized(predictions: list[str], references: list[list[str]]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """(references, predictions) through pycocoevalcap's PTB tokenizer, as COCOEvalCap scores them."""
+    from ..metrics import ptb_tokenize
+
+    gts = ptb_tokenize(dict(enumerate(references)))
+    res = ptb_tokenize({i: [p] for i, p in enumerate(predictions)})
+    return gts, res
+
+
+def caption_scores(predictions: list[str], references: list[list[str]], tokenizer: str = "simple") -> dict[str, float]:
+    """BLEU-1..4 and CIDEr of predictions against their references, and CIDEr + BLEU-4.
+
+    ``tokenizer`` ``ptb`` tokenises as COCOEvalCap does (the official selection); ``simple``
+    lower-cases and strips punctuation in Python (no Java process)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
     if not predictions:
         raise ValueError("no predictions to score")
-    res = {i: [simple_tokens(p) or "empty"] for i, p in enumerate(predictions)}
-    gts = {i: [simple_tokens(r) for r in refs] for i, refs in enumerate(references)}
+    if tokenizer == "ptb":
+        gts, res = ptb_tokenized(predictions, references)
+        res = {i: [r[0] or "empty"] for i, r in res.items()}
+    else:
+        res = {i: [simple_tokens(p) or "empty"] for i, p in enumerate(predictions)}
+        gts = {i: [simple_tokens(r) for r in refs] for i, refs in enumerate(references)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
