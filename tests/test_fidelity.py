@@ -74,7 +74,12 @@ def test_epoch_schedule_is_constant_within_an_epoch_and_cosine_across() -> None:
 
 
 def test_total_decode_lengths_count_the_prompt(tmp_path: Path) -> None:
-    from icsd.backends.captioners import CaptionerSpec, build_caption_model, decoder_prompt_ids, load_captioner
+    from icsd.backends.captioners import (
+        CaptionerSpec,
+        build_caption_model,
+        decoder_prompt_ids,
+        load_captioner,
+    )
 
     torch.manual_seed(0)
     build_caption_model(CaptionerSpec(preset="tiny", test_resize="squash")).save(tmp_path / "tiny")
