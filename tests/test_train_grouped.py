@@ -22,7 +22,9 @@ def grads(cm) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in cm.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("image_size", [64, 48])  # 48: vision hidden size differs -> enc_to_dec projection too
+@pytest.mark.parametrize(
+    "image_size", [64, 48]
+)  # 48: vision hidden size differs -> enc_to_dec projection too
 def test_grouped_loss_and_gradients_equal_the_ungrouped_step(image_size):
     torch.manual_seed(0)
     cm = build_caption_model(CaptionerSpec(preset="tiny", image_size=image_size, dropout=0.0))
@@ -56,7 +58,9 @@ def test_grouped_loss_and_gradients_equal_the_ungrouped_step(image_size):
     for name, g in want.items():
         assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-6), name
     # normalised per caption token exactly as the ungrouped step: same token count, same mean loss
-    assert float(grouped.detach()) / text.tokens() == pytest.approx(float(ungrouped.detach()) / text.tokens(), rel=1e-5)
+    assert float(grouped.detach()) / text.tokens() == pytest.approx(
+        float(ungrouped.detach()) / text.tokens(), rel=1e-5
+    )
 
 
 def test_default_grouping_repeats_the_images():

@@ -108,7 +108,9 @@ class OfficialPairs(IterableDataset):
     row of ``images`` each caption belongs to).
     """
 
-    def __init__(self, plan: EpochPlan, rank: int, normalize: Callable[[list[Image.Image]], torch.Tensor]) -> None:
+    def __init__(
+        self, plan: EpochPlan, rank: int, normalize: Callable[[list[Image.Image]], torch.Tensor]
+    ) -> None:
         super().__init__()
         self.plan = plan
         self.rank = rank
@@ -183,7 +185,9 @@ class OfficialPairs(IterableDataset):
         plan, data = self.plan, self.read(key)
         if plan.features:
             return decode_features(data)
-        side = math.ceil(plan.image_size / math.sqrt(plan.crop_scale_min)) if plan.augment else plan.image_size
+        side = (
+            math.ceil(plan.image_size / math.sqrt(plan.crop_scale_min)) if plan.augment else plan.image_size
+        )
         image = decode_image(data, side)
         if plan.augment:
             rng = random.Random(sample_seed(plan.seed, self.epoch, position, 2))
@@ -210,5 +214,7 @@ def join_parts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["pad"] = [x for p in parts for x in p["pad"]]
     if all("image_index" in p for p in parts):
         offsets = np.cumsum([0] + [len(p["images"]) for p in parts[:-1]])
-        out["image_index"] = torch.cat([p["image_index"] + int(o) for p, o in zip(parts, offsets, strict=True)])
+        out["image_index"] = torch.cat(
+            [p["image_index"] + int(o) for p, o in zip(parts, offsets, strict=True)]
+        )
     return out
