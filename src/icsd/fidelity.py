@@ -184,6 +184,33 @@ ROWS: tuple[Row, ...] = (
         {"train.crop_scale_min": 0.5},
     ),
     Row(
+        "data order",
+        "each (image, caption) pair once per pass in one global shuffle: DistributedSampler seeded with "
+        "seed + the iteration count at the pass's start, rank r taking every world-th pair, the tail "
+        "padded by repeating pairs",
+        "training/data/iter_dataloader.py:13-45",
+        "`data_order: official`: each pair exactly once per epoch, randperm seeded with seed + epoch, "
+        "rank r taking the interleaved slice r::world of each global batch (the same sequence on any "
+        "number of GPUs, resumable mid-epoch); a short last batch instead of repeated pairs",
+        {"train.data_order": "official"},
+        "`streams`: shards drawn with replacement through a 1,000-pair shuffle buffer",
+        "streams read shards sequentially, for file systems that serve random reads badly",
+        kind="setting",
+    ),
+    Row(
+        "image-grouped steps",
+        "every pair runs the vision encoder on its own image crop",
+        "training/src/blip.py",
+        "the same (`group_captions: false`)",
+        {"train.group_captions": False},
+        "same",
+        "a deviation when on (`group_captions: true`, with `data_order: official`): a step takes images "
+        "with all their captions, the vision encoder and cross-attention keys/values run once per image "
+        "(about 3x fewer FLOPs per pair at 7 captions per image), the loss per caption token is unchanged, "
+        "but an image's captions share one crop and one step",
+        kind="setting",
+    ),
+    Row(
         "test-time image",
         "resized to 384x384 (aspect ratio not kept), bicubic",
         "training/data/__init__.py:21-25",
