@@ -67,7 +67,7 @@ class FaultyResponder:
             return Reply(status=429, content="injected rate limit", headers={"Retry-After": "1"})
         if kind == "drop":
             return Reply(drop=True)
-        answer = json.dumps({"index": [1, 2, 3, 4, 5], "summary": f"The scene of {group}."})
+        answer = json.dumps({"index": [1, 2, 3, 4, 5], "summary": f"The scene of {group}: {heads[-1].strip()}"})
         return Reply(content=answer, delay=SLOW if kind == "slow" else 0.0)
 
     def report(self) -> dict[str, Any]:

@@ -49,8 +49,34 @@ def write_run(root: Path, captions: list[Caption], candidates: list[Candidate]) 
     return run
 
 
-def answer(index: list[int], summary: str = "A man rides a wave on a surfboard in the ocean.") -> str:
-    return json.dumps({"index": index, "summary": summary})
+# In a scripted answer, stands for the text of the first caption it selects (filled in by
+# ScriptedResponder), so that the summary shares words with what it selected.
+SELECTED_CAPTION = "@selected-caption@"
+
+
+def answer(index: list[int], summary: str = SELECTED_CAPTION, request: dict[str, Any] | None = None) -> str:
+    """A JSON answer; with ``request``, ``SELECTED_CAPTION`` is filled in at once (else by ScriptedResponder)."""
+    content = json.dumps({"index": index, "summary": summary})
+    return content if request is None else str(fill_summary(content, request))
+
+
+def captions_of(request: dict[str, Any]) -> list[str]:
+    """The caption texts of a prompt's last numbered list (``1. text``), in order."""
+    items: list[str] = []
+    for number, text in re.findall(r"^\s*(\d+)\.\s+(.*)$", user_text(request), re.MULTILINE):
+        items = [text.strip()] if number == "1" else items + [text.strip()]
+    return items
+
+
+def fill_summary(content: str | None, request: dict[str, Any]) -> str | None:
+    """``content`` with ``SELECTED_CAPTION`` replaced by the first selected caption's text."""
+    if content is None or SELECTED_CAPTION not in content:
+        return content
+    found = re.search(r'"index": \[(\d+)', content)
+    captions = captions_of(request)
+    pick = int(found.group(1)) if found else 1
+    text = captions[pick - 1] if 1 <= pick <= len(captions) else (captions[0] if captions else "a scene")
+    return content.replace(SELECTED_CAPTION, json.dumps(text)[1:-1])
 
 
 class ScriptedResponder:
@@ -77,7 +103,7 @@ class ScriptedResponder:
         template = script[min(seen, len(script) - 1)]
         return Reply(
             status=template.status,
-            content=template.content,
+            content=fill_summary(template.content, request),
             headers=dict(template.headers),
             delay=template.delay,
             drop=template.drop,

@@ -25,8 +25,8 @@ def test_variants_overlay_the_paper_config() -> None:
     assert uni.render.prompts == "captions" and uni.pairs.kinds == ["uni"]
     assert uni.render.model == paper.render.model and uni.train == paper.train
     assert "summarize" not in pipeline.enabled_stages(uni) and "group" not in pipeline.enabled_stages(uni)
-    first_n = pipeline.load_config(root / "ablation_no_selection.yaml")
-    assert first_n.summarize.mode == "first-n" and first_n.summarize.n == 5
+    no_selection = pipeline.load_config(root / "ablation_no_selection.yaml")
+    assert no_selection.summarize.mode == "remap" and no_selection.summarize.n == 5
     assert pipeline.load_config(root / "ablation_k10.yaml").group.k == 10
     nocaps = pipeline.load_config(root / "coco_to_nocaps.yaml")
     assert nocaps.evaluate.benchmark == "nocaps-val" and nocaps.ingest.corpus == paper.ingest.corpus

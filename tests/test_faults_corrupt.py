@@ -43,7 +43,7 @@ from icsd.errors import UserError
 from icsd.records import Pair, Selection, from_table, to_table
 from icsd.stages import embed, group, ingest, pairs, render, summarize, train
 from icsd.store import RunDir, is_done, marker_path, read_embeddings, read_parquet, write_parquet
-from icsd.testing.chat_server import ChatServer, Reply, user_text
+from icsd.testing.chat_server import ChatServer, Reply, first_caption
 from icsd.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,7 +95,7 @@ def test_damaged_embedding_parts_are_refused_then_redone(tmp_path: Path, tiny_se
 
 
 def answer_for(request: dict[str, Any]) -> Reply:
-    head = user_text(request).split("1. ", 1)[-1].split("\n", 1)[0].strip()
+    head = first_caption(request)
     return Reply(content=json.dumps({"index": [1, 2, 3, 4, 5], "summary": f"One scene: {head}"}))
 
 

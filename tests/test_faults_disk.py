@@ -29,7 +29,7 @@ from icsd.config import EmbedConfig, IngestConfig, RenderConfig, SummarizeConfig
 from icsd.records import Selection, from_table, to_table
 from icsd.stages import embed, ingest, render, summarize
 from icsd.store import RunDir, is_done, read_embeddings, read_parquet, write_parquet
-from icsd.testing.chat_server import ChatServer, Reply
+from icsd.testing.chat_server import ChatServer, Reply, first_caption
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -175,8 +175,9 @@ GROUPS = 40
 
 
 def long_answer(request: dict[str, Any]) -> Reply:
-    words = " ".join(["word"] * 45)
-    return Reply(content=json.dumps({"index": [1, 2, 3, 4, 5], "summary": f"A scene {secrets.token_hex(100)} {words}"}))
+    words = " ".join(["word"] * 25)
+    summary = f"{first_caption(request)} {secrets.token_hex(100)} {words}"
+    return Reply(content=json.dumps({"index": [1, 2, 3, 4, 5], "summary": summary}))
 
 
 def test_summarize_on_a_full_disk(

@@ -122,8 +122,8 @@ SERVER_CONCURRENCY = 2
 
 def scene_answer(request: dict[str, Any]) -> Reply:
     """A valid answer that differs per group: the summary quotes the group's first caption."""
-    first = _FIRST.search(user_text(request))
-    head = first.group(1).strip() if first else "?"
+    heads = _FIRST.findall(user_text(request))  # the last list's item 1: the first caption
+    head = heads[-1].strip() if heads else "?"
     return Reply(content=json.dumps({"index": [1, 2, 3, 4, 5], "summary": f"One scene: {head}"}), delay=SERVER_DELAY)
 
 

@@ -66,7 +66,7 @@ class LlamaCppLike:
         self.schemas.append("schema" in (request.get("response_format") or {}))
         if fmt == "json_schema":
             return llama_cpp_error(LLAMA_CPP_FORMAT_ERROR)
-        return Reply(content=answer([1, 2, 3, 4, 5]))
+        return Reply(content=answer([1, 2, 3, 4, 5], request=request))
 
 
 @pytest.fixture()
@@ -117,7 +117,7 @@ def test_a_server_taking_only_text_is_told_in_one_line(groups, capsys):
         seen.append(fmt)
         if fmt != "text":  # LM Studio-like wording, as a 400
             return Reply(status=400, content=f"'response_format.type' {fmt} is not supported")
-        return Reply(content=answer([1, 2, 3, 4, 5]))
+        return Reply(content=answer([1, 2, 3, 4, 5], request=request))
 
     with ChatServer(respond) as server:
         result = summarize.run(cfg(server.url), run)

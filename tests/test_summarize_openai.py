@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,7 +87,8 @@ def test_every_group_gets_exactly_one_record_with_the_right_status(scripted_run,
     valid = by_gid[gid_of["valid"]]
     m = members[gid_of["valid"]]
     assert valid.selected_ids == [m[0], m[2], m[4], m[6], m[7]]
-    assert valid.summary == "A man rides a wave on a surfboard in the ocean."
+    texts = {r["caption_id"]: r["text"] for r in read_parquet(run.captions).to_pylist()}
+    assert valid.summary == texts[m[0]]
     assert valid.model == "echo" and len(valid.prompt_hash) == 16 and valid.raw.startswith("{")
     assert by_gid[gid_of["fenced"]].selected_ids == members[gid_of["fenced"]][1:6]
     assert "99" in by_gid[gid_of["out_of_range"]].error and "1..8" in by_gid[gid_of["out_of_range"]].error
@@ -186,10 +188,10 @@ def test_first_n_mode_condenses_the_first_n_captions(tmp_path, coco_captions, mo
     seen: list[int] = []
 
     def respond(request):
-        from icsd.testing.chat_server import numbered_lines
+        from icsd.testing.chat_server import first_caption, numbered_lines
 
         seen.append(numbered_lines(request))
-        return Reply(content='{"summary": "Two dogs play with a red ball on the grass."}')
+        return Reply(content=json.dumps({"summary": first_caption(request)}))
 
     with ChatServer(respond) as server:
         summarize.run(config(server, mode="first-n", n=5), run)
@@ -210,7 +212,7 @@ def test_response_format_falls_back_when_the_server_rejects_it(tmp_path, coco_ca
         formats.append(fmt)
         if fmt is not None:
             return Reply(status=400, content=f"response_format {fmt} is not supported by this server")
-        return Reply(content=answer([1, 2, 3, 4, 5]))
+        return Reply(content=answer([1, 2, 3, 4, 5], request=request))
 
     with ChatServer(respond) as server:
         result = summarize.run(config(server, concurrency=1), run)
@@ -225,7 +227,7 @@ def test_round_robin_over_several_servers(tmp_path, coco_captions, monkeypatch):
     run = write_run(tmp_path / "run", captions, candidates)
 
     def respond(request):
-        return Reply(content=answer([1, 2, 3, 4, 5]))
+        return Reply(content=answer([1, 2, 3, 4, 5], request=request))
 
     with ChatServer(respond) as a, ChatServer(respond) as b:
         result = summarize.run(SummarizeConfig(backend="openai", model="echo", base_url=f"{a.url},{b.url}"), run)
@@ -338,7 +340,7 @@ def test_cli_summarize_runs_and_prints_the_closing_line(tmp_path, coco_captions,
 
     from icsd.cli import app
 
-    with ChatServer(lambda r: Reply(content=answer([1, 2, 3, 4, 5]))) as server:
+    with ChatServer(lambda r: Reply(content=answer([1, 2, 3, 4, 5], request=r))) as server:
         out = CliRunner().invoke(app, ["summarize", "--run", str(run.root), "--backend", "openai", "--model", "echo",
                                        "--base-url", server.url, "--limit", "2", "--client", "aiohttp"])
     assert out.exit_code == 0, out.output

@@ -27,10 +27,13 @@ RESPONSE_FORMATS: tuple[str, ...] = ("json_schema", "json_object", "text")
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One chat completion to make: the messages and, optionally, the JSON schema of the answer."""
+    """One chat completion to make: the messages and, optionally, the JSON schema of the answer
+    and a sampling seed (sent as the request's ``seed``, or the local engine's generator seed; a
+    re-asked group gets a new one so that a deterministic server does not answer the same)."""
 
     messages: tuple[Message, ...]
     schema: dict[str, Any] | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -49,8 +52,10 @@ class ChatAnswer:
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """``temperature=None`` sends no temperature: the server's or engine's own default sampling."""
+
     max_new_tokens: int = 500
-    temperature: float = 0.0
+    temperature: float | None = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature}

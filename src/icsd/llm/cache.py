@@ -19,8 +19,11 @@ from .base import ChatRequest
 
 
 def request_key(model: str, params: dict[str, Any], request: ChatRequest) -> str:
+    fields: dict[str, Any] = {"model": model, "params": params, "messages": list(request.messages), "schema": request.schema}
+    if request.seed is not None:  # absent otherwise: keys of unseeded requests stay as they were
+        fields["seed"] = request.seed
     payload = json.dumps(
-        {"model": model, "params": params, "messages": list(request.messages), "schema": request.schema},
+        fields,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

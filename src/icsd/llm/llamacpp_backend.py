@@ -91,7 +91,11 @@ class LlamaCppBackend(ChatBackend):
             yield key, self.generate(request)
 
     def generate(self, request: ChatRequest) -> ChatAnswer:
-        kwargs: dict[str, Any] = {"max_tokens": self.params.max_new_tokens, "temperature": self.params.temperature}
+        kwargs: dict[str, Any] = {"max_tokens": self.params.max_new_tokens}
+        if self.params.temperature is not None:  # None: llama-cpp-python's defaults (temperature 0.2, top-p 0.95, top-k 40, min-p 0.05)
+            kwargs["temperature"] = self.params.temperature
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
         if request.schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": request.schema}
         try:

@@ -589,8 +589,11 @@ class OpenAIBackend(ChatBackend):
             "model": self.model_id,
             "messages": list(request.messages),
             "max_tokens": self.params.max_new_tokens,
-            "temperature": self.params.temperature,
         }
+        if self.params.temperature is not None:  # None: the server's default, as the official code
+            body["temperature"] = self.params.temperature
+        if request.seed is not None:
+            body["seed"] = request.seed
         if fmt == "json_schema" and request.schema is not None:
             body["response_format"] = {
                 "type": "json_schema",

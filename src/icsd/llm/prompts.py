@@ -3,7 +3,10 @@
 A template is a Jinja2 text (rendered in a sandbox, undefined names are errors) that turns one
 candidate set into the user message. It sees ``candidates`` (the caption texts, in order, numbered
 from 1 by the template), ``k`` (how many), ``min_select``, ``max_select``, ``max_words`` and ``n``.
-The bundled templates live in ``icsd/prompts/``; ``--prompt FILE`` replaces them.
+The bundled templates live in ``icsd/prompts/`` and are named: ``icsd`` (select.txt, the default
+of select mode), ``first-n`` (first_n.txt, the default of first-n mode) and ``official`` (the
+official code's ``task_prompt`` verbatim, with the captions appended exactly as its loop builds
+them). ``--prompt NAME`` picks one; ``--prompt FILE`` replaces them.
 
 The prompt hash covers the template text and every setting rendered into it, so a record says
 exactly which instructions produced it.
@@ -24,8 +27,30 @@ from jinja2.sandbox import SandboxedEnvironment
 from ..errors import UserError
 from ..store import hash_text
 
-Mode = Literal["select", "first-n"]
-BUNDLED = {"select": "select.txt", "first-n": "first_n.txt"}
+Mode = Literal["select", "first-n", "remap"]
+AnswerMode = Literal["strict", "official"]
+# --prompt NAME: bundled templates by name (a file path is used when the value names none of them).
+PROMPT_FILES = {"icsd": "select.txt", "first-n": "first_n.txt"}
+DEFAULT_PROMPT: dict[str, str] = {"select": "icsd", "first-n": "first-n", "remap": "icsd"}
+
+# The official code's prompt, byte for byte (FeipengMa6/ICSD, generation/sele_and_sum.py:62,
+# ``task_prompt``), including its grammar and the trailing space.
+OFFICIAL_TASK_PROMPT = (
+    "Select and summary sentences in the given sentences set. You should find 5 to 10 sentences that form "
+    "a description from the same or different views of the same image. The meanings of the selected "
+    "sentences in a group should not conflict with each other. Summarize the sentences as one not exceed "
+    "50 words to describe the scene in objective style. The summary sentence must be objective and concise, "
+    "without ambiguity and uncertainty. Return the selected index and the summary sentence in json format "
+    "like {'index': list,'summary': str}. Return directly the json format results without explanation. "
+    "The given sentences set are: "
+)
+# Its caption list (sele_and_sum.py:73-80 and 101-106): a period appended unless the caption ends
+# with one, then "<i> caption. " for each, numbered from 1; nothing stripped.
+OFFICIAL_CAPTIONS = (
+    "{% for c in candidates %}<{{ loop.index }}> {{ c }}{% if not c.endswith('.') %}.{% endif %} {% endfor %}"
+)
+OFFICIAL_TEMPLATE = "{% raw %}" + OFFICIAL_TASK_PROMPT + "{% endraw %}" + OFFICIAL_CAPTIONS
+PROMPT_NAMES: tuple[str, ...] = ("official", *PROMPT_FILES)
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,7 @@ class PromptSettings:
     min_select: int = 5
     max_select: int = 10
     max_words: int = 50
+    answers: AnswerMode = "strict"
 
     def bounds(self, k: int) -> tuple[int, int]:
         """How many indices a valid answer holds for a set of ``k`` captions."""
@@ -49,6 +75,7 @@ class PromptTemplate:
     source: str
     settings: PromptSettings
     compiled: jinja2.Template
+    verbatim: bool = False  # rendered as is (the official prompt); else stripped
 
     @functools.cached_property
     def hash(self) -> str:
@@ -58,46 +85,59 @@ class PromptTemplate:
         k = len(candidates)
         lo, hi = self.settings.bounds(k)
         try:
-            return self.compiled.render(
+            text = self.compiled.render(
                 candidates=candidates,
                 k=k,
                 min_select=lo,
                 max_select=hi,
                 max_words=self.settings.max_words,
                 n=self.settings.n,
-            ).strip()
+            )
+            return text if self.verbatim else text.strip()
         except jinja2.TemplateError as exc:
             raise UserError(f"prompt template {self.source} failed to render: {exc}") from None
 
 
 def prompt_hash(text: str, settings: PromptSettings) -> str:
-    payload = json.dumps(
-        {"template": text, "settings": settings.__dict__}, sort_keys=True, separators=(",", ":")
-    )
+    shown = dict(settings.__dict__)
+    if shown["answers"] == "strict":  # the default leaves the hashes of earlier runs as they were
+        del shown["answers"]
+    payload = json.dumps({"template": text, "settings": shown}, sort_keys=True, separators=(",", ":"))
     return hash_text(payload)
 
 
 def bundled_template_text(mode: Mode) -> str:
-    return resources.files("icsd").joinpath("prompts", BUNDLED[mode]).read_text(encoding="utf-8")
+    name = DEFAULT_PROMPT[mode]
+    return resources.files("icsd").joinpath("prompts", PROMPT_FILES[name]).read_text(encoding="utf-8")
+
+
+def named_template(name: str, settings: PromptSettings) -> PromptTemplate:
+    """A bundled template by its name (``official``, ``icsd``, ``first-n``)."""
+    if name == "official":
+        return compile_template(OFFICIAL_TEMPLATE, "official", settings, verbatim=True)
+    text = resources.files("icsd").joinpath("prompts", PROMPT_FILES[name]).read_text(encoding="utf-8")
+    return compile_template(text, f"icsd/prompts/{PROMPT_FILES[name]}", settings)
 
 
 def load_template(settings: PromptSettings, path: str | Path | None = None) -> PromptTemplate:
-    """The bundled template for ``settings.mode``, or the user's file at ``path``."""
+    """The template ``path`` names: a bundled name (``official``, ``icsd``, ``first-n``), a file,
+    or None for the default of ``settings.mode``."""
     if path is None:
-        text, source = bundled_template_text(settings.mode), f"icsd/prompts/{BUNDLED[settings.mode]}"
-    else:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise UserError(f"prompt file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"prompt file is not UTF-8 text: {p}") from None
-        source = str(p)
+        return named_template(DEFAULT_PROMPT[settings.mode], settings)
+    if str(path) in PROMPT_NAMES:
+        return named_template(str(path), settings)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"prompt file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file is not UTF-8 text: {p}") from None
+    source = str(p)
     return compile_template(text, source, settings)
 
 
-def compile_template(text: str, source: str, settings: PromptSettings) -> PromptTemplate:
+def compile_template(text: str, source: str, settings: PromptSettings, verbatim: bool = False) -> PromptTemplate:
     """A template from its text (``source`` names it in errors)."""
     if "candidates" not in text:
         raise UserError(f"prompt template {source} never uses {{{{ candidates }}}}: the captions would be missing")
@@ -106,7 +146,7 @@ def compile_template(text: str, source: str, settings: PromptSettings) -> Prompt
         compiled = env.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise UserError(f"prompt template {source} line {exc.lineno}: {exc.message}") from None
-    return PromptTemplate(text=text, source=source, settings=settings, compiled=compiled)
+    return PromptTemplate(text=text, source=source, settings=settings, compiled=compiled, verbatim=verbatim)
 
 
 def answer_schema(settings: PromptSettings, k: int) -> dict[str, Any]:
@@ -136,5 +176,6 @@ def answer_schema(settings: PromptSettings, k: int) -> dict[str, Any]:
 
 
 def shown_candidates(settings: PromptSettings, member_ids: list[str]) -> list[str]:
-    """The member ids put in front of the model: all of them, or the first ``n`` in first-n mode."""
-    return member_ids[: settings.n] if settings.mode == "first-n" else list(member_ids)
+    """The member ids put in front of the model: all of them, or the first ``n`` in first-n mode
+    (and remap mode, which pairs them without a model)."""
+    return member_ids[: settings.n] if settings.mode in ("first-n", "remap") else list(member_ids)

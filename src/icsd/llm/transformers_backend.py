@@ -1,5 +1,7 @@
-"""Any transformers causal LM (GGUF included) with its chat template: batched greedy generation
-with left padding, the answer prefilled with the opening of the JSON object."""
+"""Any transformers causal LM (GGUF included) with its chat template: batched generation with left
+padding, the answer prefilled with the opening of the JSON object. Temperature 0 decodes greedily,
+a positive one samples, None keeps the checkpoint's ``generation_config`` (greedy when it sets
+nothing, as for the packaged GGUF); a request's seed seeds torch's generator."""
 
 from __future__ import annotations
 
@@ -83,13 +85,20 @@ class TransformersBackend(ChatBackend):
         torch = self._torch
         texts = [self.prompt_text(r) for r in requests]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampling: dict[str, Any] = {}
+        temperature = self.params.temperature
+        if temperature is not None:
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        seed = next((r.seed for r in requests if r.seed is not None), None)
+        if seed is not None:
+            torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(
                 **enc,
                 max_new_tokens=self.params.max_new_tokens,
-                do_sample=False,
                 num_beams=1,
                 pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
             )
         new = out[:, enc["input_ids"].shape[1] :]
         decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -11,11 +11,16 @@ from .base import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationP
 from .local import local_model_label, resolve_local_model
 
 
-def vllm_sampling_params(schema: dict[str, Any] | None, params: GenerationParams) -> Any:
-    """vLLM ``SamplingParams`` with JSON-schema structured decoding (new and older vLLM APIs)."""
+def vllm_sampling_params(schema: dict[str, Any] | None, params: GenerationParams, seed: int | None = None) -> Any:
+    """vLLM ``SamplingParams`` with JSON-schema structured decoding (new and older vLLM APIs).
+    ``params.temperature=None`` keeps vLLM's default sampling (temperature 1.0)."""
     import vllm
 
-    kwargs: dict[str, Any] = {"temperature": params.temperature, "max_tokens": params.max_new_tokens}
+    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens}
+    if params.temperature is not None:
+        kwargs["temperature"] = params.temperature
+    if seed is not None:
+        kwargs["seed"] = seed
     if schema is not None:
         try:
             from vllm.sampling_params import StructuredOutputsParams
@@ -77,7 +82,7 @@ class VLLMBackend(ChatBackend):
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatAnswer]:
         conversations = [list(r.messages) for r in requests]
-        sampling = [vllm_sampling_params(r.schema, self.params) for r in requests]
+        sampling = [vllm_sampling_params(r.schema, self.params, r.seed) for r in requests]
         outputs = self.engine.chat(conversations, sampling_params=sampling, use_tqdm=False)
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")

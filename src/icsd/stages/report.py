@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from ..config import ReportConfig
 from ..errors import UserError
+from ..llm.answers import error_reason
 from ..metrics import SCALE_LABEL, SCORE_KEYS, format_score
 from ..records import ImageSample
 from ..store import RunDir, atomic_write_text, done_shards, iter_shard_samples
@@ -146,15 +147,15 @@ def failures_section(run: RunDir) -> str:
     if not selections:
         return ""
     by_status = Counter(s["status"] for s in selections)
-    reasons = Counter(
-        (s["status"], (s.get("error") or "").split(":")[0][:80]) for s in selections if s["status"] != "ok"
-    )
+    # Each status with its reasons, counted per rule (the details after the colon, numbers and
+    # lists masked, vary per group): "summary copies the prompt's placeholder", "index outside #..#".
+    reasons = Counter((s["status"], error_reason(s.get("error"))) for s in selections if s["status"] != "ok")
     rows = [[status, n, f"{100 * n / len(selections):.1f}%"] for status, n in by_status.most_common()]
     why = [[status, reason or "(none given)", n] for (status, reason), n in reasons.most_common(20)]
     return (
         "<h2>LLM answers</h2>"
         + _table(["status", "groups", "share"], rows)
-        + ("<h3>Failure breakdown</h3>" + _table(["status", "rule broken / error", "groups"], why) if why else "")
+        + ("<h3>Why answers were not ok</h3>" + _table(["status", "reason", "groups"], why) if why else "")
     )
 
 

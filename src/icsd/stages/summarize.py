@@ -5,8 +5,13 @@ Reads ``RUN/candidates.parquet`` (and the texts from ``RUN/captions.parquet``), 
 ``RUN/selections/`` and, at the end of every run, the consolidated ``RUN/selections.parquet``.
 
 Resume is per group: a rerun skips groups that already have a record made with the same model
-and prompt; ``--retry`` also redoes those whose record is not ``ok``. Identical requests are
-answered from ``RUN/cache/llm.sqlite`` without the model.
+and prompt; ``--retry`` also redoes those whose record is not ``ok``, asking with a new seed
+(``seed`` + the group's earlier attempts) so that a server that honours seeds answers anew.
+Identical requests are answered from ``RUN/cache/llm.sqlite`` without the model.
+
+``--mode remap`` asks no model: as the official ``preprocess/remapping.py``, each group's first
+``n`` candidates (head first) are paired with the image of the head caption, and a group whose
+first ``n`` are those of an earlier group is dropped.
 
 How the work runs: the ``openai`` backend drives its async client in this process (one event
 loop holds thousands of requests in flight; more processes would add nothing but a shared cache
@@ -31,13 +36,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..config import SummarizeConfig
 from ..errors import UserError
 from ..executor import ShardTask, count_workers, device_for_worker, resolve_device, run_tasks
 from ..llm import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, make_backend
-from ..llm.answers import parse_answer
+from ..llm.answers import judge_answer
 from ..llm.cache import LLMCache, request_key
 from ..llm.prompts import (
     PromptSettings,
@@ -48,7 +54,7 @@ from ..llm.prompts import (
     shown_candidates,
 )
 from ..records import SELECTION_STATUSES, SELECTIONS_SCHEMA, Selection, from_table
-from ..store import RunDir, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
+from ..store import RunDir, hash_text, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
 from ._base import StageResult, StageSpec, Timer, finish_stage
 
 STAGE = "summarize"
@@ -222,6 +228,7 @@ class WorkItem:
     shown_ids: list[str]
     texts: list[str]
     use_cache: bool
+    seed: int | None = None
 
 
 @dataclass
@@ -238,7 +245,8 @@ class Job:
 
     def request(self, item: WorkItem) -> ChatRequest:
         content = self.template.render(item.texts)
-        return ChatRequest(messages=({"role": "user", "content": content},), schema=answer_schema(self.settings, len(item.texts)))
+        schema = answer_schema(self.settings, len(item.texts))
+        return ChatRequest(messages=({"role": "user", "content": content},), schema=schema, seed=item.seed)
 
     def key(self, request: ChatRequest) -> str:
         return request_key(self.model, self.params, request)
@@ -248,7 +256,7 @@ class Job:
         if answer.text is None:
             error = answer.error or "no answer"
             return Selection(gid, "failed", error=error, model=model, prompt_hash=phash, raw="")
-        parsed = parse_answer(answer.text, self.settings, len(item.shown_ids))
+        parsed = judge_answer(answer.text, self.settings, item.texts, self.template.render(item.texts))
         selected = [item.shown_ids[i - 1] for i in parsed.indices] if parsed.status == "ok" else []
         return Selection(
             gid, parsed.status, selected, parsed.summary, parsed.error, model=model, prompt_hash=phash, raw=answer.text
@@ -371,11 +379,12 @@ class SummarizeWorkerFactory:
     settings: PromptSettings
     cache_path: str
     info: dict[str, Any]
+    verbatim: bool = False
 
     def __call__(self, index: int) -> Callable[[ShardTask, Callable[[int], None]], dict[str, Any]]:
         spec = BackendSpec(**{**self.spec.__dict__, "device": device_for_worker(self.device, index)})
         backend = make_backend(spec)
-        template = compile_template(self.template_text, self.template_source, self.settings)
+        template = compile_template(self.template_text, self.template_source, self.settings, self.verbatim)
         job = Job(template=template, model=backend.model_id, params=backend.params.as_dict())
         cache = LLMCache(self.cache_path)
         info = self.info
@@ -429,8 +438,26 @@ def prompt_settings(cfg: SummarizeConfig) -> PromptSettings:
     if cfg.min_select > cfg.max_select:
         raise UserError(f"min_select ({cfg.min_select}) is larger than max_select ({cfg.max_select})")
     return PromptSettings(
-        mode=cfg.mode, n=cfg.n, min_select=cfg.min_select, max_select=cfg.max_select, max_words=cfg.max_words
+        mode=cfg.mode,
+        n=cfg.n,
+        min_select=cfg.min_select,
+        max_select=cfg.max_select,
+        max_words=cfg.max_words,
+        answers=cfg.answers,
     )
+
+
+def attempt_counts(folder: Path) -> Counter[str]:
+    """How many records each group has in the done parts: the times it was answered so far."""
+    counts: Counter[str] = Counter()
+    for part in done_parts(folder):
+        counts.update(pq.read_table(part, columns=["group_id"]).column("group_id").to_pylist())
+    return counts
+
+
+def retry_seed(seed: int, attempts: int) -> int:
+    """The seed of a group's re-ask after ``attempts`` answers: a new one each round."""
+    return seed + attempts
 
 
 def needs_answer(record: Prior | None, model: str, phash: str, retry: bool) -> bool:
@@ -453,6 +480,8 @@ def consolidate(latest: pa.Table, order: Sequence[str], out: Path) -> Counter[st
 def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
     timer = Timer()
     settings = prompt_settings(cfg)
+    if settings.mode == "remap":
+        return run_remap(cfg, run, settings, timer)
     template = load_template(settings, cfg.prompt)
     phash = template.hash
     groups = read_groups(run)
@@ -469,13 +498,22 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
         existing = priors(latest_table(folder))
         todo = [i for i in chosen if needs_answer(existing.get(groups.ids[i]), model, phash, cfg.retry)]
         kept = len(chosen) - len(todo)
+        attempts = attempt_counts(folder) if cfg.retry else Counter()
 
         def make_item(i: int) -> WorkItem:
             gid = groups.ids[i]
             shown = shown_candidates(settings, groups.members[i])
             prior = existing.get(gid)
             use_cache = prior is None or prior.model != model or prior.prompt_hash != phash
-            return WorkItem(gid, shown, [groups.texts[c] for c in shown], use_cache)
+            # A re-ask of an answer judged not ok: a new seed, so the server does not repeat it.
+            seed = None if use_cache else retry_seed(cfg.seed, attempts[gid])
+            return WorkItem(gid, shown, [groups.texts[c] for c in shown], use_cache, seed)
+
+        if cfg.retry and cfg.temperature == 0 and any(not make_item(i).use_cache for i in todo):
+            notes.append(
+                "note: --retry re-asks with a new seed, but temperature 0 decodes greedily, so most servers "
+                "answer the same; set --temperature (null: the server's default) for new answers"
+            )
 
         info = {"model": model, "prompt_hash": phash, "backend": cfg.backend}
         described: dict[str, Any] = {"backend": cfg.backend, "model": model}
@@ -509,6 +547,67 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
         output=run.selections,
         models={"llm": described},
         extra={"prompt_hash": phash, "prompt_source": template.source, "this_run": tally.as_dict()},
+        notes=notes,
+    )
+
+
+REMAP_MODEL = "none"
+
+
+def remap_hash(settings: PromptSettings) -> str:
+    """What a remap record was made with (no prompt: the number of captions paired)."""
+    return hash_text(f"remap:n={settings.n}")
+
+
+def remap_records(groups: Groups, chosen: Sequence[int], n: int, phash: str) -> tuple[list[Selection], int]:
+    """The official remapping (preprocess/remapping.py): each group's first ``n`` candidates, head
+    first, paired with the image of its head caption (the rendered text); a group whose first
+    ``n`` are the same captions as an earlier group's is dropped. Returns (records, dropped)."""
+    seen: set[tuple[str, ...]] = set()
+    records: list[Selection] = []
+    for i in chosen:
+        members = groups.members[i][:n]
+        key = tuple(sorted(members))
+        if key in seen:
+            continue
+        seen.add(key)
+        gid = groups.ids[i]
+        records.append(
+            Selection(gid, "ok", list(members), groups.texts[members[0]], None, model=REMAP_MODEL, prompt_hash=phash, raw="")
+        )
+    return records, len(chosen) - len(records)
+
+
+def run_remap(cfg: SummarizeConfig, run: RunDir, settings: PromptSettings, timer: Timer) -> StageResult:
+    """``--mode remap``: the records without a model."""
+    groups = read_groups(run)
+    chosen = choose_groups(len(groups.ids), limit=cfg.limit, sample=cfg.sample, seed=cfg.seed)
+    phash = remap_hash(settings)
+    folder = run.selection_parts
+    notes: list[str] = []
+    with exclusive(folder):
+        remove_stale_parts(folder, {p.name for p in done_parts(folder)}, PART_PATTERN)
+        existing = priors(latest_table(folder))
+        records, dropped = remap_records(groups, chosen, settings.n, phash)
+        records = [r for r in records if needs_answer(existing.get(r.group_id), REMAP_MODEL, phash, retry=False)]
+        info = {"model": REMAP_MODEL, "prompt_hash": phash, "backend": "none"}
+        for lo in range(0, len(records), cfg.part_size):
+            write_part(part_path(folder, next_part_index(folder)), records[lo : lo + cfg.part_size], info)
+        counts = consolidate(latest_table(folder), groups.ids, run.selections)
+    if dropped:
+        notes.append(f"note: {dropped} groups dropped: their first {settings.n} captions repeat an earlier group's")
+    result_counts: dict[str, Any] = {"groups": sum(counts.values())}
+    result_counts.update({s: counts.get(s, 0) for s in SELECTION_STATUSES})
+    result_counts.update({"answered": len(records), "requests": 0, "cached": 0, "duplicates": dropped})
+    return finish_stage(
+        run,
+        STAGE,
+        cfg,
+        counts=result_counts,
+        seconds=timer.seconds,
+        output=run.selections,
+        models={"llm": {"backend": "none", "model": REMAP_MODEL}},
+        extra={"prompt_hash": phash, "prompt_source": "remap"},
         notes=notes,
     )
 
@@ -568,6 +667,7 @@ def _run_as_tasks(
         settings=template.settings,
         cache_path=str(cache_dir / "llm.sqlite"),
         info=info,
+        verbatim=template.verbatim,
     )
     result = run_tasks(
         tasks,
@@ -598,6 +698,8 @@ SPEC = StageSpec(
         "icsd summarize --run runs/coco --backend vllm --model Qwen/Qwen2.5-7B-Instruct",
         "icsd summarize --run runs/coco --sample 100 --seed 1 --prompt my_prompt.txt",
         "icsd summarize --run runs/coco --mode first-n --n 5      (no selection, only condense)",
+        "icsd summarize --run runs/coco --mode remap --n 5        (no LLM: the official remapping)",
+        "icsd summarize --run runs/coco --prompt official --answers official --temperature null",
         "icsd summarize --run runs/coco --retry                   (redo groups that are not ok)",
     ),
 )

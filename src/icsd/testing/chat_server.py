@@ -52,12 +52,28 @@ def numbered_lines(request: dict[str, Any]) -> int:
     return count
 
 
+_FIRST_LINE = re.compile(r"^\s*1\.\s+(.+)$", re.MULTILINE)
+_FIRST_OFFICIAL = re.compile(r"<1> (.+?) (?:<2> |$)")
+
+
+def first_caption(request: dict[str, Any]) -> str:
+    """The text of caption 1 of a prompt: item 1 of its last numbered list (``1. text``), or the
+    official ``<1> text <2>``."""
+    text = user_text(request)
+    lines = _FIRST_LINE.findall(text)
+    if lines:
+        return str(lines[-1]).strip()
+    found = _FIRST_OFFICIAL.search(text)
+    return found.group(1).strip() if found else ""
+
+
 def echo_responder(delay: float = 0.0, pick: int = 5) -> Responder:
-    """Answers every selection prompt validly: the first ``pick`` captions and a fixed summary."""
+    """Answers every selection prompt validly: the first ``pick`` captions, summarised as the first
+    of them."""
 
     def respond(request: dict[str, Any]) -> Reply:
-        k = numbered_lines(request)
-        answer: dict[str, Any] = {"summary": "A scene described by several captions at once."}
+        k = numbered_lines(request) or user_text(request).count("> ")
+        answer: dict[str, Any] = {"summary": first_caption(request) or "A scene described by several captions."}
         if "index" in user_text(request):
             answer["index"] = list(range(1, min(pick, k) + 1))
         return Reply(content=json.dumps(answer), delay=delay)
