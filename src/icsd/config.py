@@ -77,6 +77,16 @@ class GroupConfig(StageConfig):
     ef_construction: int = Field(default=80, ge=1, description="HNSW build breadth.")
     ef_search: int = Field(default=128, ge=1, description="HNSW search breadth.")
     threads: int | None = Field(default=None, ge=1, description="faiss threads (default: all cores).")
+    device: str = Field(
+        default="cpu",
+        pattern=r"^(cpu|auto|torch-cpu|cuda(:\d+)?)$",
+        description="cpu: faiss on the CPU (index as chosen) | cuda[:N]: exact search in torch on the GPU "
+        "(the path for large corpora) | torch-cpu: the same torch code on the CPU | auto: cuda if present, else cpu.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="Scores of the torch search: fp32 | bf16 (candidates re-ranked in fp32).",
+    )
     recall_sample: int = Field(
         default=0,
         ge=0,

@@ -1,4 +1,5 @@
-"""Nearest-neighbour candidate sets with faiss: exact flat search, IVF or HNSW, in query blocks.
+"""Nearest-neighbour candidate sets: faiss (exact flat search, IVF or HNSW) in query blocks on the
+CPU, or exact search by blocked matrix products in torch on a GPU (or the CPU, for tests).
 
 Vectors are L2-normalised, so inner product is cosine. Each row's candidate set is its top-K
 neighbours with the row itself first; sets whose members equal an earlier set's are dropped.
@@ -124,6 +125,88 @@ def candidate_sets(
     k = min(k, vectors.shape[0])
     index = build_index(vectors, spec)
     scores, ids = search_blocks(index, vectors, k, block_size, progress)
+    self_scores = np.einsum("ij,ij->i", vectors, vectors)
+    put_self_first(ids, scores, self_scores)
+    return ids, scores, unique_set_mask(ids)
+
+
+def torch_topk(
+    vectors: np.ndarray,
+    k: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    block_size: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, ids) of every row against all rows, by blocked matrix products and
+    ``torch.topk`` on ``device``. ``fp32``: scores in full fp32 (TF32 off). ``bf16``: a bf16 pass
+    keeps ``4k`` candidates per row, which are re-ranked with fp32 dot products (a true neighbour is
+    lost only when more than ``4k`` rows score within bf16's rounding of the k-th). Rows are sorted by
+    score, equal scores by id (lower first, while fewer than 8 further rows share the k-th score):
+    deterministic, but faiss may break an exact tie at the k-th place the other way."""
+    import torch
+
+    n = vectors.shape[0]
+    k = min(k, n)
+    keep = min(n, k + 8 if precision == "fp32" else 4 * k)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+    xs = x if dtype == torch.float32 else x.to(dtype)
+    chunk = max(keep, min(n, (1 << 28) // max(1, block_size)))  # block x chunk fp32 scores <= 1 GiB
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, block_size):
+                q = xs[start : start + block_size]
+                best_s: torch.Tensor | None = None
+                best_i: torch.Tensor | None = None
+                for c0 in range(0, n, chunk):
+                    sims = (q @ xs[c0 : c0 + chunk].T).float()
+                    s, i = torch.topk(sims, min(keep, sims.shape[1]), dim=1)
+                    i += c0
+                    if best_s is not None and best_i is not None:
+                        s, j = torch.topk(
+                            torch.cat([best_s, s], 1), min(keep, best_s.shape[1] + s.shape[1]), dim=1
+                        )
+                        i = torch.gather(torch.cat([best_i, i], 1), 1, j)
+                    best_s, best_i = s, i
+                assert best_s is not None and best_i is not None
+                if dtype != torch.float32:  # re-rank the bf16 candidates in fp32
+                    best_s = torch.einsum("bd,bkd->bk", x[start : start + block_size], x[best_i])
+                best_s, best_i = ranked(best_s, best_i, k)
+                rows = best_s.shape[0]
+                scores[start : start + rows] = best_s.cpu().numpy()
+                ids[start : start + rows] = best_i.cpu().numpy()
+                if progress:
+                    progress(rows)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return scores, ids
+
+
+def ranked(scores: Any, ids: Any, k: int) -> tuple[Any, Any]:
+    """The first ``k`` of each row by score (descending), equal scores by id (ascending)."""
+    import torch
+
+    by_id = torch.argsort(ids, dim=1)
+    scores, ids = torch.gather(scores, 1, by_id), torch.gather(ids, 1, by_id)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(scores, 1, order), torch.gather(ids, 1, order)
+
+
+def torch_candidate_sets(
+    vectors: np.ndarray,
+    k: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    block_size: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`candidate_sets` of exact search in torch (any device): self first, duplicates dropped."""
+    scores, ids = torch_topk(vectors, k, device, precision, block_size, progress)
     self_scores = np.einsum("ij,ij->i", vectors, vectors)
     put_self_first(ids, scores, self_scores)
     return ids, scores, unique_set_mask(ids)

@@ -1,8 +1,10 @@
 """Stage 3, group: each caption's top-K neighbours by cosine form a candidate set.
 
 The head caption comes first; sets whose members equal an earlier set's are dropped. faiss does
-the search: exact ``flat`` by default, ``ivf`` or ``hnsw`` for large corpora, with their recall@K
-against exact search measured on a sample when ``recall_sample`` > 0.
+the search on the CPU: exact ``flat`` by default, ``ivf`` or ``hnsw``, with their recall@K against
+exact search measured on a sample when ``recall_sample`` > 0. ``device: cuda`` searches exactly by
+blocked matrix products in torch on the GPU, the path for large corpora (``torch-cpu``: the same
+code on the CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import GroupConfig
 from ..errors import UserError
-from ..knn import IndexSpec, candidate_sets, exact_topk, recall_at_k, set_threads
+from ..knn import IndexSpec, candidate_sets, exact_topk, recall_at_k, set_threads, torch_candidate_sets
 from ..records import CANDIDATES_SCHEMA
 from ..store import RunDir, read_embeddings, read_parquet, write_parquet
 from ._base import StageResult, StageSpec, Timer, finish_stage
@@ -49,6 +51,21 @@ def measure_recall(vectors: np.ndarray, approx_ids: np.ndarray, k: int, sample: 
     return recall_at_k(np.sort(approx_ids[rows], axis=1), np.sort(exact, axis=1))
 
 
+def search_device(setting: str) -> str | None:
+    """The torch device of an exact search, or None for faiss on the CPU."""
+    if setting == "cpu":
+        return None
+    if setting == "torch-cpu":
+        return "cpu"
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {setting} was asked for but no GPU is visible (--device cpu uses faiss)")
+    return setting
+
+
 def run(cfg: GroupConfig, run: RunDir) -> StageResult:
     timer = Timer()
     set_threads(cfg.threads)
@@ -64,8 +81,17 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
         ef_construction=cfg.ef_construction,
         ef_search=cfg.ef_search,
     )
-    with tqdm(total=len(ids), desc=f"group ({cfg.index})", unit="cap", dynamic_ncols=True) as bar:
-        member_idx, scores, keep = candidate_sets(vectors, cfg.k, spec, cfg.block_size, bar.update)
+    device = search_device(cfg.device)
+    if device is not None and cfg.index != "flat":
+        raise UserError(f"--device {cfg.device} runs exact search; --index {cfg.index} is a faiss index for --device cpu")
+    label = cfg.index if device is None else f"exact, torch on {device}, {cfg.precision}"
+    with tqdm(total=len(ids), desc=f"group ({label})", unit="cap", dynamic_ncols=True) as bar:
+        if device is None:
+            member_idx, scores, keep = candidate_sets(vectors, cfg.k, spec, cfg.block_size, bar.update)
+        else:
+            member_idx, scores, keep = torch_candidate_sets(
+                vectors, cfg.k, device, cfg.precision, cfg.block_size, bar.update
+            )
     table = candidates_table(ids, member_idx, scores, keep)
     write_parquet(table, run.candidates)
     counts: dict[str, Any] = {
@@ -99,5 +125,6 @@ SPEC = StageSpec(
         "icsd group --run runs/coco --k 30",
         "icsd group --run runs/big --index hnsw --recall-sample 2000",
         "icsd group --run runs/big --index ivf --nlist 4096 --nprobe 64",
+        "icsd group --run runs/big --device cuda            # exact, on the GPU: large corpora",
     ),
 )
