@@ -17,6 +17,7 @@ for data and, on a GPU with NVML, how busy the GPU was while the trainer ran.
     python benchmarks/train_gpu.py                    # GPU, paper shapes
     python benchmarks/train_gpu.py --compile          # trainer with torch.compile
     python benchmarks/train_gpu.py --tiny             # CPU, tiny shapes (CI)
+    python benchmarks/train_gpu.py --device cpu --batch-size 4 --steps 2 --warmup 1   # paper shapes on a CPU
 """
 
 from __future__ import annotations
@@ -254,6 +255,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (what CI runs)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--batch-size", type=int, default=None,
+        help="pairs per step (default 64; tiny 8): lower it to run the paper shapes on a CPU",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=None, help="measured steps per loop")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--images", type=int, default=None, help="synthetic images in the shards")
@@ -267,7 +272,9 @@ def main() -> None:
 
     device = "cpu" if args.tiny and args.device == "auto" else resolve_device(args.device)
     args.shapes = TINY if args.tiny else PAPER
-    args.batch = args.shapes["batch"]
+    args.batch = args.batch_size or args.shapes["batch"]
+    if args.batch < 1:
+        ap.error("--batch-size must be at least 1")
     args.steps = args.steps or (8 if args.tiny else 60)
     args.warmup = args.warmup or (4 if args.tiny else 20)
     args.log_every = 4 if args.tiny else 10
