@@ -46,7 +46,7 @@ NO_KEY_ENV = "ICSD_REHEARSAL_NO_KEY"  # the scripted server needs no key: never 
 class Options:
     """``--rehearse.KEY VALUE``: the size of the rehearsal."""
 
-    captions: int = 24  # corpus slice
+    captions: int | None = None  # corpus slice (default: 24, or 2 x K when that is more)
     prompts: int = 4  # LLM requests (candidate sets summarised)
     images: int = 2  # images rendered
     steps: int = 2  # denoising steps per image
@@ -142,9 +142,17 @@ def check_paths(cfg: PipelineConfig) -> list[PathCheck]:
     out = []
     for stage, key, kind in PATH_KEYS:
         value = getattr(getattr(cfg, stage), key)
+        if key == "prompt" and value in prompt_names():
+            continue  # a bundled prompt's name, not a file
         if value:
             out.append(PathCheck(f"{stage}.{key}", str(value), check_path(Path(value).expanduser(), kind)))
     return out
+
+
+def prompt_names() -> tuple[str, ...]:
+    from .llm.prompts import PROMPT_NAMES
+
+    return PROMPT_NAMES
 
 
 def exists(checks: list[PathCheck], key: str) -> bool:
@@ -434,7 +442,8 @@ def rehearsal_config(
         r.ingest.corpus = str(package_file(f"{quick}/captions.json"))
         r.ingest.format = "coco"
         plan.substituted.append("ingest.corpus: the bundled COCO captions (the configured corpus is not here)")
-    r.ingest.limit = min(cfg.ingest.limit or opts.captions, opts.captions)
+    wanted = opts.captions or max(24, 2 * cfg.group.k)  # more than K, so candidate sets differ
+    r.ingest.limit = min(cfg.ingest.limit or wanted, wanted)
     reduce(f"ingest: the first {r.ingest.limit} captions")
 
     for stage in ("embed", "summarize", "render"):
@@ -488,7 +497,7 @@ def rehearsal_config(
     r.train.eval_every = opts.train_steps
     r.train.save_every = opts.train_steps
     r.train.log_every = 1
-    r.train.val_max_images = min(cfg.train.val_max_images, opts.eval_images)
+    r.train.val_max_images = min(cfg.train.val_max_images or opts.eval_images, opts.eval_images)
     r.train.restart = True
     r.train.tensorboard = False
     r.train.data_streams = None
@@ -535,6 +544,7 @@ class StageRecord:
     cuda_peak: int | None
     probes: dict[str, Probe]
     summary: str
+    counts: dict[str, Any] = field(default_factory=dict)
 
 
 def run_stages(
@@ -554,6 +564,7 @@ def run_stages(
             StageRecord(
                 stage, seconds, mem.peak, mem.baseline, mem.cuda_peak, probes.probes,
                 stage_result.summary() if stage_result is not None else "",
+                dict(stage_result.counts) if stage_result is not None else {},
             )
         )  # fmt: skip
         echo(f"rehearsal: {stage} {seconds:.1f}s, peak memory {gib(mem.peak)}")
@@ -575,12 +586,6 @@ def parquet_rows(path: Path) -> int:
     if path.is_dir():
         return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(path.glob("*.parquet")))
     return int(pq.ParquetFile(path).metadata.num_rows)
-
-
-def rendered_images(run_dir: Path) -> int:
-    from .store import RunDir, done_shards
-
-    return int(done_shards(RunDir.at(run_dir).images)[1])
 
 
 def corpus_size(cfg: PipelineConfig, checks: list[PathCheck], opts: Options) -> tuple[int, str, float | None]:
@@ -613,7 +618,8 @@ def benchmark_images(cfg: PipelineConfig, checks: list[PathCheck]) -> tuple[int 
 
 
 def validation_images(cfg: PipelineConfig) -> int:
-    return cfg.train.val_max_images
+    """Images per validation: the configured cap, else the COCO Karpathy val split's 5,000."""
+    return cfg.train.val_max_images or 5000
 
 
 def per(seconds: float, units: float) -> float | None:
@@ -667,6 +673,63 @@ def extrapolate_memory(rec: StageRecord, fixed_bytes: int, rehearsal_batch: int,
     added = max(0, rec.peak_rss - rec.baseline_rss)
     per_item = max(0, added - fixed_bytes) / max(1, rehearsal_batch)
     return int(rec.baseline_rss + fixed_bytes + per_item * batch)
+
+
+def trim_heap() -> None:
+    """Give freed heap back to the OS, so that the next peak measures only new allocations."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def activation_bytes_per_pair(cfg: PipelineConfig) -> tuple[int | None, str]:
+    """Memory one more training pair costs, from two forward+backward passes of the rehearsal's
+    captioner (batch 1, then 2) at the configured image size and caption length: the part of the
+    training peak that grows with the batch."""
+    import torch
+
+    from .backends.captioners import CaptionerSpec, build_caption_model
+
+    t = cfg.train
+    spec = CaptionerSpec(preset=t.preset, vision_model=t.vision_model, text_model=t.text_model,
+                         image_size=t.image_size, dropout=t.dropout)  # fmt: skip
+    device = "cuda" if cuda_available() else "cpu"
+    try:
+        cm = build_caption_model(spec)
+    except Exception as exc:  # noqa: BLE001 - the plan goes on without this figure
+        return None, f"not measured ({type(exc).__name__})"
+    model = cm.model.to(device).train()
+    loss_fn = cm.loss_module(t.label_smoothing).to(device)
+    size = cm.image_size
+    vocab = int(getattr(cm.tokenizer, "vocab_size", 1000))
+    peaks: dict[int, int] = {}
+    for batch in (1, 2):
+        model.zero_grad(set_to_none=True)
+        trim_heap()
+        pixels = torch.randn(batch, 3, size, size, device=device)
+        ids = torch.randint(min(1000, vocab - 1), vocab, (batch, t.max_tokens), device=device)
+        mask = torch.ones_like(ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            reset_peak_rss()
+            before = rss_bytes()
+        loss_fn(pixels, ids, mask, ids.clone()).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peaks[batch] = int(torch.cuda.max_memory_allocated() - before)
+        else:
+            peaks[batch] = int((peak_rss_self() or 0) - before)
+    del model, loss_fn, cm
+    trim_heap()
+    slope = peaks[2] - peaks[1]
+    where = "GPU memory" if device == "cuda" else "resident memory"
+    return (slope if slope > 0 else None), f"{where}: forward+backward at batch 1 and 2, {size} px, {t.max_tokens} tokens"
 
 
 def train_samples_per_s(run_dir: Path) -> float | None:
@@ -865,13 +928,11 @@ def table_rows(
         return " + ".join(titles) or "-", (sum(params) if params else None)
 
     captions = parquet_rows(run.captions) or 1
-    groups = parquet_rows(run.candidates)
-    group_ratio = groups / captions if groups else 1.0
-    full_groups = int(full_captions * group_ratio)
+    full_groups = full_captions  # every caption heads a set; identical sets are rare at full size
     full_prompts = min(full_groups, cfg.summarize.limit or full_groups)
     if cfg.summarize.sample:
         full_prompts = min(full_prompts, cfg.summarize.sample)
-    images = rendered_images(run_dir)
+    images = next((int(rec.counts.get("images", 0)) for rec in records if rec.stage == "render"), 0)
     full_images = full_prompts if cfg.render.prompts == "summaries" else full_captions
     if cfg.render.limit:
         full_images = min(full_images, cfg.render.limit)
@@ -913,7 +974,7 @@ def table_rows(
                                  f"({flops / 1e9:.0f} GFLOP/s)" if work else "approximate index: not projected")  # fmt: skip
         elif s == "summarize":
             words = [len(str(m.get("content", "")).split()) for q in requests for m in q.get("messages", [])]
-            row = Row(**base, architecture=f"{cfg.summarize.backend}: {cfg.summarize.model} (not run: scripted server)",
+            row = Row(**{**base, "architecture": f"{cfg.summarize.backend}: {cfg.summarize.model} (not run: scripted server)"},
                       settings={"mode": cfg.summarize.mode, "min_select": cfg.summarize.min_select,
                                 "max_select": cfg.summarize.max_select, "max_words": cfg.summarize.max_words,
                                 "max_new_tokens": cfg.summarize.max_new_tokens, "temperature": cfg.summarize.temperature,
@@ -969,11 +1030,17 @@ def table_rows(
                       projection=f"{total_steps:,} steps x batch {cfg.train.batch_size} at the last step's rate, plus "
                                  f"{validations} validations of {validation_images(cfg)} images at "
                                  f"{fmt_seconds(per_val_image)}/image")  # fmt: skip
-            row.peak_rss_configured = extrapolate_memory(rec, (trainable or 0) * 16, r.train.batch_size, cfg.train.batch_size)
+            slope, how = activation_bytes_per_pair(r)
+            row.settings["memory_per_pair"] = {"bytes": slope, "how": how}
+            if slope is not None:
+                row.peak_rss_configured = int(rec.peak_rss + slope * (cfg.train.batch_size - r.train.batch_size))
+            else:
+                row.peak_rss_configured = extrapolate_memory(rec, (trainable or 0) * 16, r.train.batch_size,
+                                                             cfg.train.batch_size)
         elif s == "evaluate":
             gen = p["generate"]
             spu = per(gen.seconds, gen.items) or per(rec.seconds, r.evaluate.limit or 1)
-            row = Row(**base, architecture="the trained captioner",
+            row = Row(**{**base, "architecture": "the trained captioner"},
                       settings={"benchmark": cfg.evaluate.benchmark, "beams": cfg.evaluate.beams,
                                 "min_new_tokens": cfg.evaluate.min_new_tokens, "max_new_tokens": cfg.evaluate.max_new_tokens,
                                 "batch_size": cfg.evaluate.batch_size},
