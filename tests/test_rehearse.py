@@ -1,0 +1,105 @@
+"""``icsd run CONFIG --rehearse``: the chain of the paper's config with random-weight models at
+tiny widths (the same classes, files and code path as the paper shapes), offline.
+
+The paper-shape rehearsal itself (about 15 minutes and 6 GiB on 2 CPU cores) is selected with
+``ICSD_PAPER_SHAPES=1 python -m pytest -m paper_shapes tests/test_rehearse.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from icsd.cli import app
+from icsd.errors import UserError
+from icsd.pipeline import load_config
+from icsd.rehearse import Options, check_paths
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "configs" / "icsd_coco.yaml"
+STAGES = ["ingest", "embed", "group", "summarize", "render", "pairs", "train", "evaluate", "report"]
+
+
+def test_rehearse_options_are_taken_out_of_the_overrides() -> None:
+    opts, rest = Options.split({"rehearse.captions": "40", "rehearse.scale": "tiny", "render.steps": "5"})
+    assert (opts.captions, opts.scale, rest) == (40, "tiny", {"render.steps": "5"})
+    with pytest.raises(UserError, match="rehearse.captions"):
+        Options.split({"rehearse.captons": "4"})
+    with pytest.raises(UserError, match="whole number"):
+        Options.split({"rehearse.images": "many"})
+
+
+def test_every_data_path_is_checked(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a dog\n")
+    cfg = load_config(PAPER, {"ingest.corpus": str(corpus), "evaluate.images": str(tmp_path / "nowhere")})
+    checks = {c.key: c.status for c in check_paths(cfg)}
+    assert checks["ingest.corpus"] == "ok"
+    assert checks["evaluate.images"] == "missing"
+    assert checks["train.val_images"] == "missing"
+    assert "summarize.prompt" not in checks  # 'official' names a bundled prompt
+
+
+def rehearse(run: Path, *extra: str) -> dict:
+    args = ["run", str(PAPER), "--rehearse", "--run", str(run), *extra]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "| stage | architecture |" in result.output
+    return json.loads((run / "rehearsal.json").read_text())
+
+
+@pytest.mark.slow
+def test_rehearsal_of_the_paper_config_at_tiny_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's relative data paths point nowhere here
+    run = tmp_path / "rehearsal"
+    doc = rehearse(
+        run, "--rehearse.scale", "tiny", "--rehearse.eval_images", "2",
+        "--render.size", "64", "--train.image_size", "64",
+    )  # fmt: skip
+    assert [s["stage"] for s in doc["stages"]] == STAGES
+    missing = {line.split(":")[0] for line in doc["missing_paths"]}
+    assert missing == {"ingest.corpus", "train.val_images", "train.val_captions", "evaluate.annotations", "evaluate.images"}
+    models = {m["model_id"]: m for m in doc["models"]}
+    assert set(models) == {"openai/clip-vit-base-patch16", "CompVis/stable-diffusion-v1-4",
+                           "openai/clip-vit-base-patch32", "bert-base-uncased"}  # fmt: skip
+    assert all(m["roundtrip"]["ok"] for m in models.values())
+    assert set(models["CompVis/stable-diffusion-v1-4"]["classes"]) >= {"unet", "vae", "text_encoder", "safety_checker"}
+    assert doc["captioner_checkpoint_roundtrip"]["ok"]
+    rows = {s["stage"]: s for s in doc["stages"]}
+    assert rows["render"]["units"] == 2 and rows["render"]["settings"]["steps"] == 20
+    assert rows["render"]["settings"]["scheduler"] == "dpm++"
+    assert rows["train"]["settings"]["batch_size"] == 64 and rows["train"]["units"] == 2 * 4
+    assert rows["evaluate"]["full_units"] == 5000
+    for stage in ("embed", "render", "train", "evaluate"):
+        assert rows[stage]["projected_seconds"] > 0, stage
+        assert rows[stage]["peak_rss"] > 0
+    assert rows["train"]["peak_rss_configured"] > rows["train"]["peak_rss"]
+    assert any("2 denoising steps" in line for line in doc["reduced"])
+    assert "icsd.cost" in doc["gpu_cost_model"]["status"] or "status" not in doc["gpu_cost_model"]
+    # the stages loaded the built folders through their ordinary settings
+    used = json.loads((run / "manifest.json").read_text())["stages"]
+    assert used["render"]["config"]["model"].endswith("CompVis--stable-diffusion-v1-4.render.tiny")
+    assert used["render"]["config"]["steps"] == 2
+    # a second rehearsal reuses the built folders and runs every stage again
+    again = rehearse(run, "--rehearse.scale", "tiny", "--rehearse.eval_images", "2",
+                     "--render.size", "64", "--train.image_size", "64")  # fmt: skip
+    assert all(m["reused"] for m in again["models"])
+    assert [s["stage"] for s in again["stages"]] == STAGES
+
+
+@pytest.mark.paper_shapes
+@pytest.mark.skipif(os.environ.get("ICSD_PAPER_SHAPES") != "1", reason="paper shapes: set ICSD_PAPER_SHAPES=1")
+def test_rehearsal_at_paper_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    doc = rehearse(tmp_path / "rehearsal")
+    assert [s["stage"] for s in doc["stages"]] == STAGES
+    params = {m["model_id"]: m["total_parameters"] for m in doc["models"]}
+    assert params["CompVis/stable-diffusion-v1-4"] > 1_300_000_000  # UNet + VAE + text encoder + checker
+    assert params["openai/clip-vit-base-patch32"] > 87_000_000
+    assert params["bert-base-uncased"] > 109_000_000
+    assert all(m["roundtrip"]["ok"] for m in doc["models"])
+    assert doc["wall_seconds"] < 20 * 60
