@@ -351,7 +351,8 @@ def run_chain(
     if rehearse:
         from .rehearse import rehearse as run_rehearsal
 
-        rehearsal = run_rehearsal(config_file, overrides, run, echo=typer.echo)
+        with run_dir_guard(run):
+            rehearsal = run_rehearsal(config_file, overrides, run, echo=typer.echo)
         typer.echo(rehearsal.table)
         typer.echo(f"rehearsal: {rehearsal.document['wall_seconds']:.0f}s -> {rehearsal.path}")
         return
