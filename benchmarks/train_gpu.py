@@ -64,13 +64,15 @@ def save_random_components(root: Path, shapes: dict[str, Any]) -> tuple[Path, Pa
     """Random-init CLIP vision and BERT folders in the given shapes (nothing downloaded)."""
     from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-    from icsd.backends.captioners import clip_image_processor, minilm_vocab
+    from bench_vocab import vocab_file  # this folder: the MiniLM vocabulary, or a stand-in without it
+
+    from icsd.backends.captioners import clip_image_processor
 
     torch.manual_seed(0)
     clip, bert = root / "clip", root / "bert"
     CLIPVisionModel(CLIPVisionConfig(**shapes["vision"])).save_pretrained(clip)
     clip_image_processor(shapes["vision"]["image_size"]).save_pretrained(clip)
-    tokenizer = BertTokenizer(vocab=str(minilm_vocab()))
+    tokenizer = BertTokenizer(vocab=str(vocab_file(root / "vocab")))
     BertModel(BertConfig(vocab_size=len(tokenizer), **shapes["text"])).save_pretrained(bert)
     tokenizer.save_pretrained(bert)
     return clip, bert
@@ -85,9 +87,9 @@ def long_captions(n: int) -> list[str]:
     return [" ".join(rng.sample(texts, 4)) for _ in range(n)]
 
 
-def write_shards(run_root: Path, images: int, render_size: int, shard_size: int = 256) -> int:
+def write_shards(run_root: Path, images: int, render_size: int, shard_size: int = 256, per_image: int = 5) -> int:
     """Render-contract shards of ``images`` 512x512 JPEGs (the COCO test photos, cropped and
-    re-encoded under distinct keys), five long captions per image, plus pairs.parquet."""
+    re-encoded under distinct keys), ``per_image`` long captions per image, plus pairs.parquet."""
     from PIL import Image
 
     from icsd.records import Pair, SampleMeta, to_table
@@ -106,7 +108,7 @@ def write_shards(run_root: Path, images: int, render_size: int, shard_size: int 
             buf = io.BytesIO()
             im.resize((render_size, render_size), Image.Resampling.BICUBIC, box=box).save(buf, "JPEG", quality=95)
             encoded.append(buf.getvalue())
-    captions = long_captions(images * 5)
+    captions = long_captions(images * per_image)
     pairs = []
     import tarfile
 
@@ -115,13 +117,13 @@ def write_shards(run_root: Path, images: int, render_size: int, shard_size: int 
         with atomic_path(run.images / name) as tmp, tarfile.open(tmp, "w") as tar:
             for i in range(start, min(images, start + shard_size)):
                 key = f"img{i:07d}"
-                meta = SampleMeta(id=key, summary=captions[5 * i], seed=0, model="real-photo", steps=0, guidance=0.0,
+                meta = SampleMeta(id=key, summary=captions[per_image * i], seed=0, model="real-photo", steps=0, guidance=0.0,
                                   width=render_size, height=render_size, nsfw=False)  # fmt: skip
                 for member, data in ((f"{key}.jpg", encoded[i % len(encoded)]), (f"{key}.json", meta.to_json())):
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-                pairs += [Pair(key, name, captions[5 * i + j], "selected") for j in range(5)]
+                pairs += [Pair(key, name, captions[per_image * i + j], "selected") for j in range(per_image)]
         mark_done(run.images / name, {"count": min(shard_size, images - start)})
     write_parquet(to_table(pairs, Pair), run.pairs)
     return len(pairs)
@@ -225,6 +227,7 @@ def trainer_run(run_root: Path, clip: Path, bert: Path, args: argparse.Namespace
         batch_size=args.batch, max_steps=args.warmup + args.steps, log_every=args.log_every, device=device,
         num_workers=args.workers, val_fraction=0, eval_every=10**9, save_every=10**9, compile=args.compile,
         max_tokens=args.shapes["tokens"], lr=1e-5, seed=0,
+        **({"data_order": "official", "group_captions": True} if args.group_captions else {}),
     )  # fmt: skip
     busy = GpuBusy(device)
     with busy:
@@ -233,9 +236,10 @@ def trainer_run(run_root: Path, clip: Path, bert: Path, args: argparse.Namespace
         wall = time.perf_counter() - started
     records = [json.loads(x) for x in (run_root / "train" / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in records if "samples_per_s" in r and r["step"] > args.warmup]
-    samples = sum(args.batch * args.log_every for _ in measured)
-    seconds = sum(args.batch * args.log_every / r["samples_per_s"] for r in measured)
-    wait = sum(r["data_wait_frac"] * args.batch * args.log_every / r["samples_per_s"] for r in measured)
+    per_step = pairs_per_step(args)
+    samples = sum(per_step * args.log_every for _ in measured)
+    seconds = sum(per_step * args.log_every / r["samples_per_s"] for r in measured)
+    wait = sum(r["data_wait_frac"] * per_step * args.log_every / r["samples_per_s"] for r in measured)
     warm_samples = int((wall - seconds) / 0.1)  # NVML samples during warm-up, roughly
     return {
         "samples_per_s": samples / seconds,
@@ -243,6 +247,13 @@ def trainer_run(run_root: Path, clip: Path, bert: Path, args: argparse.Namespace
         "gpu_busy": busy.busy(max(0, warm_samples)),
         "wall_s": wall,
     }
+
+
+def pairs_per_step(args: argparse.Namespace) -> int:
+    """Pairs in one trainer step: the batch, or with grouped steps whole images of equal caption counts."""
+    if not args.group_captions:
+        return int(args.batch)
+    return max(1, round(args.batch / args.captions_per_image)) * args.captions_per_image
 
 
 def device_name(device: str) -> str:
@@ -264,6 +275,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="synthetic images in the shards")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of the trainer")
     ap.add_argument("--compile", action="store_true", help="trainer with torch.compile")
+    ap.add_argument("--group-captions", action="store_true",
+                    help="trainer with image-grouped steps (official data order); the reference stays ungrouped")
+    ap.add_argument("--captions-per-image", type=int, default=5, help="captions per synthetic image in the shards")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--keep", type=Path, default=None, help="build the run directory here and keep it")
     args = ap.parse_args()
@@ -291,12 +305,16 @@ def main() -> None:
         spec = CaptionerSpec(preset="icsd", vision_model=str(clip), text_model=str(bert), image_size=args.shapes["image_size"])
         cm = build_caption_model(spec)
         flops = flops_per_sample(cm, args.shapes["tokens"])
+        from train_grouped import flop_parts, train_flops_per_pair  # this folder
+
+        parts = flop_parts(cm, args.shapes["tokens"])
+        icsd_flops = train_flops_per_pair(parts, args.captions_per_image, args.group_captions)
         params = sum(p.numel() for p in cm.model.parameters())
         reference = reference_loop(cm, device, args.batch, args.shapes["tokens"], args.steps, args.warmup)
         del cm
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        pairs = write_shards(root / "run", args.images, args.shapes["render_size"])
+        pairs = write_shards(root / "run", args.images, args.shapes["render_size"], per_image=args.captions_per_image)
         ours = trainer_run(root / "run", clip, bert, args, device)
     finally:
         if args.keep is None:
@@ -304,6 +322,8 @@ def main() -> None:
 
     ratio = ours["samples_per_s"] / reference
     lever = "bf16 autocast, fused AdamW, TF32" + (", torch.compile" if args.compile else "") if device.startswith("cuda") else "fp32 (CPU)"
+    if args.group_captions:
+        lever += f", image-grouped steps ({args.captions_per_image} captions per image)"
     shape = "tiny" if args.tiny else "paper (CLIP ViT-B/32 @384 + BERT-base decoder)"
     print(f"Training throughput on {device_name(device)}: {shape}, {params / 1e6:.1f}M params, batch {args.batch}, "
           f"{args.shapes['tokens']} tokens, {flops / 1e9:.2f} GFLOP/sample")  # fmt: skip
@@ -313,13 +333,15 @@ def main() -> None:
     print(f"| reference (eager fp32, tensors on device) | {reference:.1f} | {reference * flops / 1e12:.3f} | - | - |")
     busy = f"{ours['gpu_busy']:.0%}" if ours["gpu_busy"] is not None else "n/a (no NVML)"
     print(f"| icsd trainer ({lever}; {args.workers} data workers, {pairs} pairs in shards) | "
-          f"{ours['samples_per_s']:.1f} | {ours['samples_per_s'] * flops / 1e12:.3f} | {ours['data_wait_frac']:.1%} | {busy} |")  # fmt: skip
+          f"{ours['samples_per_s']:.1f} | {ours['samples_per_s'] * icsd_flops / 1e12:.3f} | {ours['data_wait_frac']:.1%} | {busy} |")  # fmt: skip
     print()
     print(f"ratio icsd/reference: {ratio:.2f}x")
     result = {
         "device": device_name(device), "shapes": "tiny" if args.tiny else "paper", "batch": args.batch,
         "gflop_per_sample": flops / 1e9, "reference_samples_per_s": reference, "icsd": ours, "ratio": ratio,
         "workers": args.workers, "compile": args.compile, "steps": args.steps, "warmup": args.warmup,
+        "group_captions": args.group_captions, "captions_per_image": args.captions_per_image,
+        "gflop_per_pair_icsd": icsd_flops / 1e9, "pairs_per_step": pairs_per_step(args),
     }  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
