@@ -62,9 +62,8 @@ TINY = {
 
 def save_random_components(root: Path, shapes: dict[str, Any]) -> tuple[Path, Path]:
     """Random-init CLIP vision and BERT folders in the given shapes (nothing downloaded)."""
-    from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
-
     from bench_vocab import vocab_file  # this folder: the MiniLM vocabulary, or a stand-in without it
+    from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
 
     from icsd.backends.captioners import clip_image_processor
 

@@ -46,9 +46,8 @@ TINY = {
 
 def build_model(shapes: dict[str, Any]) -> Any:
     """The icsd captioner at the given shapes, random weights, dropout as BERT's default."""
-    from transformers import BertConfig, BertLMHeadModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
-
     from bench_vocab import vocab_file  # this folder
+    from transformers import BertConfig, BertLMHeadModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModel
 
     from icsd.backends.captioners import CaptionerSpec, IcsdCaptioner, clip_image_processor
 
