@@ -376,7 +376,9 @@ def model_plan(cfg: PipelineConfig, stages: list[str]) -> tuple[list[ModelUse], 
         add("text embedder", "embed.model", cfg.embed.model, "embed")
     if "render" in stages:
         if cfg.render.tiny_random or cfg.render.backend != "diffusers":
-            notes.append(f"render: backend {'tiny-random' if cfg.render.tiny_random else cfg.render.backend} used as it is")
+            notes.append(
+                f"render: backend {'tiny-random' if cfg.render.tiny_random else cfg.render.backend} used as it is"
+            )
         else:
             add("text-to-image", "render.model", cfg.render.model, "render")
     if "train" in stages:
@@ -441,7 +443,9 @@ def rehearsal_config(
     if not exists(checks, "ingest.corpus"):
         r.ingest.corpus = str(package_file(f"{quick}/captions.json"))
         r.ingest.format = "coco"
-        plan.substituted.append("ingest.corpus: the bundled COCO captions (the configured corpus is not here)")
+        plan.substituted.append(
+            "ingest.corpus: the bundled COCO captions (the configured corpus is not here)"
+        )
     wanted = opts.captions or max(24, 2 * cfg.group.k)  # more than K, so candidate sets differ
     r.ingest.limit = min(cfg.ingest.limit or wanted, wanted)
     reduce(f"ingest: the first {r.ingest.limit} captions")
@@ -729,7 +733,9 @@ def activation_bytes_per_pair(cfg: PipelineConfig) -> tuple[int | None, str]:
     trim_heap()
     slope = peaks[2] - peaks[1]
     where = "GPU memory" if device == "cuda" else "resident memory"
-    return (slope if slope > 0 else None), f"{where}: forward+backward at batch 1 and 2, {size} px, {t.max_tokens} tokens"
+    return (
+        slope if slope > 0 else None
+    ), f"{where}: forward+backward at batch 1 and 2, {size} px, {t.max_tokens} tokens"
 
 
 def train_samples_per_s(run_dir: Path) -> float | None:
@@ -751,7 +757,9 @@ def gpu_cost_model(rows: list[Row], cfg: PipelineConfig) -> dict[str, Any]:
     try:
         from . import cost  # type: ignore[attr-defined]
     except ImportError:
-        return {"status": "no cost model installed (module icsd.cost absent): CPU/this-device projection only"}
+        return {
+            "status": "no cost model installed (module icsd.cost absent): CPU/this-device projection only"
+        }
     project = getattr(cost, "project", None)
     if project is None:
         return {"status": "icsd.cost has no project(rows, config) function"}
@@ -829,8 +837,12 @@ def rehearse(
         "peak_rss": max([build_mem.peak] + [r.peak_rss for r in records]),
         "paths": [asdict(c) for c in checks],
         "missing_paths": [c.line() for c in checks if not c.ok],
-        "models": [u.built.describe() if u.built is not None else {"key": u.key, "model": u.model_id, "source": u.source}
-                   for u in uses],  # fmt: skip
+        "models": [
+            u.built.describe()
+            if u.built is not None
+            else {"key": u.key, "model": u.model_id, "source": u.source}
+            for u in uses
+        ],  # fmt: skip
         "model_notes": model_notes,
         "captioner_checkpoint_roundtrip": roundtrip,
         "reduced": plan.reduced,
@@ -885,11 +897,18 @@ def captioner_roundtrip(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any] | 
 
     from .backends.captioners import load_captioner
 
-    folder = next((run_dir / "train" / n for n in ("best", "last") if (run_dir / "train" / n / "config.json").exists()), None)
+    folder = next(
+        (run_dir / "train" / n for n in ("best", "last") if (run_dir / "train" / n / "config.json").exists()),
+        None,
+    )
     if folder is None or cfg.train.preset not in ("icsd", "tiny"):
         return None
     image = Image.open(sorted(package_file("data/quickstart/images").glob("*.jpg"))[0]).convert("RGB")
-    settings = {"beams": cfg.train.beams, "min_new_tokens": cfg.train.min_new_tokens, "max_new_tokens": cfg.train.max_new_tokens}
+    settings = {
+        "beams": cfg.train.beams,
+        "min_new_tokens": cfg.train.min_new_tokens,
+        "max_new_tokens": cfg.train.max_new_tokens,
+    }
     ours = load_captioner(str(folder), device="cpu").caption([image], **settings)[0]
     model = VisionEncoderDecoderModel.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -990,8 +1009,14 @@ def table_rows(
             steps_r = r.render.steps
             per_step = per(unet.seconds, steps_r * images) if images else None
             other = per(p["vae_decode"].seconds + p["safety_checker"].seconds, images) or 0.0
-            spu = (per_step or 0) * cfg.render.steps + other if per_step is not None else per(rec.seconds, images)
-            fixed = max(0.0, rec.seconds - unet.seconds - p["vae_decode"].seconds - p["safety_checker"].seconds)
+            spu = (
+                (per_step or 0) * cfg.render.steps + other
+                if per_step is not None
+                else per(rec.seconds, images)
+            )
+            fixed = max(
+                0.0, rec.seconds - unet.seconds - p["vae_decode"].seconds - p["safety_checker"].seconds
+            )
             weights = sum(u.built.total_parameters for u in uses if u.key == "render.model" and u.built) * 4
             row = Row(**{**base, "architecture": a, "parameters": n},
                       settings={"scheduler": cfg.render.scheduler, "steps": cfg.render.steps, "guidance": cfg.render.guidance,
@@ -1001,7 +1026,9 @@ def table_rows(
                       projected_seconds=fixed + (spu or 0) * full_images,
                       projection=f"UNet {fmt_seconds(per_step)}/step/image x {cfg.render.steps} steps + VAE decode "
                                  f"and safety checker {fmt_seconds(other)}/image, x images (one device)")  # fmt: skip
-            row.peak_rss_configured = extrapolate_memory(rec, weights, r.render.batch_size, cfg.render.batch_size)
+            row.peak_rss_configured = extrapolate_memory(
+                rec, weights, r.render.batch_size, cfg.render.batch_size
+            )
         elif s == "pairs":
             row = Row(**base, settings={"kinds": cfg.pairs.kinds}, unit="pair", units=pairs,
                       seconds_per_unit=per(rec.seconds, pairs), full_units=full_pairs, projected_seconds=None,
@@ -1010,7 +1037,9 @@ def table_rows(
             a, n = arch("train.vision_model", "train.text_model")
             rate = train_samples_per_s(run_dir)
             spu = 1.0 / rate if rate else per(rec.seconds, r.train.max_steps or 1)
-            steps_per_epoch = math.ceil(full_pairs / (cfg.train.batch_size * cfg.train.grad_accum)) if full_pairs else 0
+            steps_per_epoch = (
+                math.ceil(full_pairs / (cfg.train.batch_size * cfg.train.grad_accum)) if full_pairs else 0
+            )
             total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
             trained = total_steps * cfg.train.batch_size * cfg.train.grad_accum
             gen = p["generate"]
@@ -1033,10 +1062,13 @@ def table_rows(
             slope, how = activation_bytes_per_pair(r)
             row.settings["memory_per_pair"] = {"bytes": slope, "how": how}
             if slope is not None:
-                row.peak_rss_configured = int(rec.peak_rss + slope * (cfg.train.batch_size - r.train.batch_size))
+                row.peak_rss_configured = int(
+                    rec.peak_rss + slope * (cfg.train.batch_size - r.train.batch_size)
+                )
             else:
-                row.peak_rss_configured = extrapolate_memory(rec, (trainable or 0) * 16, r.train.batch_size,
-                                                             cfg.train.batch_size)
+                row.peak_rss_configured = extrapolate_memory(
+                    rec, (trainable or 0) * 16, r.train.batch_size, cfg.train.batch_size
+                )
         elif s == "evaluate":
             gen = p["generate"]
             spu = per(gen.seconds, gen.items) or per(rec.seconds, r.evaluate.limit or 1)
