@@ -36,7 +36,7 @@ CLIP_TEXT: dict[str, dict[str, Any]] = {
     "large": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
               "projection_dim": 768},
 }  # fmt: skip
-CLIP_TEXT_COMMON = {
+CLIP_TEXT_COMMON: dict[str, Any] = {
     "vocab_size": 49408,
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
@@ -177,7 +177,7 @@ def clip_tokenizer(folder: Path) -> Any:
 def bert_tokenizer() -> Any:
     """bert-base-uncased's WordPiece vocabulary, as the packaged MiniLM ships it (the hub's file is
     not reachable offline; the 30,522 entries are the same)."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
     from .backends.captioners import minilm_vocab
 
@@ -227,13 +227,12 @@ def build_clip_vision(model_id: str, arch: Architecture, folder: Path, scale: Sc
     config = CLIPVisionConfig(**vision, hidden_act="quick_gelu")
     torch.manual_seed(0)
     model = CLIPVisionModel(config).eval()
-    pixels = torch.randn(
-        1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0)
-    )
+    side = int(config.image_size)  # type: ignore[arg-type]
+    pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(pixel_values=pixels).pooler_output
     model.save_pretrained(folder)
-    clip_image_processor(config.image_size).save_pretrained(folder)
+    clip_image_processor(side).save_pretrained(folder)
     params = {"vision_model": count(model)}
     del model
     gc.collect()
@@ -344,7 +343,7 @@ def build_sd1(model_id: str, arch: Architecture, folder: Path, scale: Scale) -> 
     classes["scheduler"] = type(parts["scheduler"]).__name__
     params = {name: count(parts[name]) for name in NETWORKS}
     pipe = StableDiffusionPipeline(**parts)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
     del pipe, parts
     gc.collect()
     loaders: dict[str, Callable[[], Any]] = {

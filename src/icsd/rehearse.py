@@ -909,7 +909,10 @@ def captioner_roundtrip(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any] | 
         "min_new_tokens": cfg.train.min_new_tokens,
         "max_new_tokens": cfg.train.max_new_tokens,
     }
-    ours = load_captioner(str(folder), device="cpu").caption([image], **settings)[0]
+    ours = load_captioner(str(folder), device="cpu").caption(
+        [image], beams=settings["beams"], min_new_tokens=settings["min_new_tokens"],
+        max_new_tokens=settings["max_new_tokens"],
+    )[0]  # fmt: skip
     model = VisionEncoderDecoderModel.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     proc = AutoImageProcessor.from_pretrained(folder)
@@ -918,7 +921,7 @@ def captioner_roundtrip(run_dir: Path, cfg: PipelineConfig) -> dict[str, Any] | 
     with torch.no_grad():
         out = model.generate(pixel_values=pixels, decoder_input_ids=prompt, num_beams=settings["beams"],
                              min_new_tokens=settings["min_new_tokens"], max_new_tokens=settings["max_new_tokens"])  # fmt: skip
-    plain = tok.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+    plain = str(tok.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)).strip()
     return {"checkpoint": str(folder), "loads_with": "transformers.VisionEncoderDecoderModel",
             "icsd": ours, "plain_transformers": plain, "ok": ours.strip() == plain}  # fmt: skip
 
@@ -967,7 +970,7 @@ def table_rows(
     for rec in records:
         s = rec.stage
         p = rec.probes
-        base = dict(stage=s, seconds=round(rec.seconds, 2), peak_rss=rec.peak_rss, cuda_peak=rec.cuda_peak,
+        base: dict[str, Any] = dict(stage=s, seconds=round(rec.seconds, 2), peak_rss=rec.peak_rss, cuda_peak=rec.cuda_peak,
                     peak_rss_configured=None, parameters=None, architecture="-")  # fmt: skip
         if s == "ingest":
             row = Row(**base, settings={"format": r.ingest.format, "splits": cfg.ingest.splits}, unit="caption",
@@ -1054,7 +1057,7 @@ def table_rows(
                                 "weight_decay": cfg.train.weight_decay, "batch_size": cfg.train.batch_size,
                                 "epochs": cfg.train.epochs, "beams": cfg.train.beams,
                                 "min_new_tokens": cfg.train.min_new_tokens, "max_new_tokens": cfg.train.max_new_tokens},
-                      unit="pair", units=r.train.max_steps * r.train.batch_size, seconds_per_unit=spu,
+                      unit="pair", units=(r.train.max_steps or 0) * r.train.batch_size, seconds_per_unit=spu,
                       full_units=trained, projected_seconds=(spu or 0) * trained + val_seconds,
                       projection=f"{total_steps:,} steps x batch {cfg.train.batch_size} at the last step's rate, plus "
                                  f"{validations} validations of {validation_images(cfg)} images at "
