@@ -23,6 +23,8 @@ from ..registry import Registry
 T2I_BACKENDS: Registry[Any] = Registry("text-to-image backend")
 T2I_BACKENDS.register("diffusers", "icsd.backends.t2i:DiffusersBackend")
 T2I_BACKENDS.register("tiny-random", "icsd.backends.t2i:TinyRandomBackend")
+T2I_BACKENDS.register("sandbox", "icsd.sandbox.renderer:SandboxRenderer")
+T2I_BACKENDS.register("sandbox-camera", "icsd.sandbox.renderer:SandboxCamera")
 
 EMBEDDERS: Registry[Any] = Registry("embedder kind")
 EMBEDDERS.register("sentence-transformers", "icsd.backends.embedders:SentenceTransformerEmbedder")
@@ -32,6 +34,7 @@ CAPTIONERS: Registry[Any] = Registry("captioner preset")
 CAPTIONERS.register("icsd", "icsd.backends.captioners:IcsdCaptioner")
 CAPTIONERS.register("prefix", "icsd.backends.captioners:PrefixCaptioner")
 CAPTIONERS.register("tiny", "icsd.backends.captioners:TinyCaptioner")
+CAPTIONERS.register("sandbox", "icsd.sandbox.captioner:SandboxCaptioner")
 
 
 def known(registry: Registry[Any], name: str, *also: str) -> str:

@@ -20,6 +20,7 @@ LLM_BACKENDS.register("openai", "icsd.llm.openai:OpenAIBackend")
 LLM_BACKENDS.register("transformers", "icsd.llm.transformers_backend:TransformersBackend")
 LLM_BACKENDS.register("vllm", "icsd.llm.vllm_backend:VLLMBackend")
 LLM_BACKENDS.register("llama-cpp", "icsd.llm.llamacpp_backend:LlamaCppBackend")
+LLM_BACKENDS.register("sandbox", "icsd.sandbox.selector:SandboxSelector")
 
 
 def make_backend(spec: BackendSpec) -> ChatBackend:
