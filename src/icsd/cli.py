@@ -146,6 +146,11 @@ def field_parameter(name: str, info: FieldInfo, positional: bool = False) -> ins
         marker: Any = typer.Argument(help=info.description or "")
         annotation: Any = str
         default: Any = inspect.Parameter.empty
+    elif _nullable_number(info):
+        # int/float settings that may be null take "null" too (as in YAML); pydantic checks the value
+        marker = typer.Option(*flags, help=_help(info), show_default=False, metavar=f"{kind.__name__.upper()}|null")
+        annotation = str | None
+        default = None
     else:
         marker = typer.Option(*flags, help=_help(info), show_default=False)
         annotation = list[str] | None if is_list else kind | None
@@ -155,8 +160,20 @@ def field_parameter(name: str, info: FieldInfo, positional: bool = False) -> ins
     )
 
 
+def _nullable_number(info: FieldInfo) -> bool:
+    """An int/float setting whose default is a number but that may be set to null."""
+    kind, is_list = _base_type(info.annotation)
+    nullable = type(None) in typing.get_args(info.annotation)
+    return not is_list and kind in (int, float) and nullable and info.get_default() is not None
+
+
 def _flag_value(info: FieldInfo, value: Any) -> Any:
-    """Repeated or comma-separated list options -> one list; other values pass through."""
+    """Repeated or comma-separated list options -> one list; ``null`` for a nullable number -> None;
+    other values pass through."""
+    if isinstance(value, str) and _nullable_number(info):
+        import yaml
+
+        return yaml.safe_load(value)
     if value is None or not isinstance(value, list):
         return value
     return [part.strip() for item in value for part in str(item).split(",") if part.strip()]

@@ -100,6 +100,50 @@ ROWS: tuple[Row, ...] = (
         kind="setting",
     ),
     Row(
+        "LLM",
+        "gpt-3.5-turbo through OpenAI's API",
+        "generation/sele_and_sum.py:11",
+        "any chat model on an OpenAI-compatible server (the config names Meta-Llama-3-8B-Instruct)",
+        {"summarize.backend": "openai"},
+        "the packaged SmolLM2-135M-Instruct in process (offline)",
+        "the gpt-3.5-turbo snapshot of the paper's time is retired; set summarize.model to any model",
+        kind="deviation",
+    ),
+    Row(
+        "answers wrapped in prose or code fences",
+        "dropped: eval() of the whole text fails",
+        "generation/postprocess.py:25",
+        "the first `{...}` of the answer is read",
+        why="a few answers the official run lost are kept; the content rules are the same",
+        kind="deviation",
+    ),
+    Row(
+        "answer keys",
+        "the dict's first two keys, whatever their names",
+        "generation/postprocess.py:36",
+        "`index`/`summary` by name, else the two keys in order; extra keys ignored",
+        why="an extra key no longer drops the whole answer",
+        kind="deviation",
+    ),
+    Row(
+        "bad indices",
+        "0 wraps to the last caption, negatives wrap, 2.5 becomes 2, True becomes 1, a duplicate index "
+        "pairs its caption twice, an empty list keeps a summary with no pairs",
+        "generation/postprocess.py:41-49",
+        "0, negative, out-of-range, non-integer and empty selections are `invalid`; duplicates count once; "
+        "digit strings such as '3' are read as numbers",
+        why="plain bugs of the official parser",
+        kind="deviation",
+    ),
+    Row(
+        "failed requests",
+        "2 tries on exceptions, a failed group stays empty",
+        "generation/sele_and_sum.py:10-42",
+        "transport retries with backoff; `--retry` re-asks groups that are not ok with a new seed",
+        why="a failed or nonsensical answer can be redone without redoing the run",
+        kind="deviation",
+    ),
+    Row(
         "answers checked for sense",
         "none: a copied placeholder is kept as a summary",
         "generation/postprocess.py:37-45",
@@ -259,8 +303,11 @@ ROWS: tuple[Row, ...] = (
         "no-selection variant",
         "the first 5 neighbours of each set, duplicate groups removed, no LLM",
         "preprocess/remapping.py:16-55, 102",
-        "`summarize.mode: remap` in configs/ablation_no_selection.yaml",
-        why="`first-n` (the LLM condenses the first n captions) stays available",
+        "`summarize.mode: remap` (n 5) in configs/ablation_no_selection.yaml: the head caption is "
+        "rendered and its image paired with the 5 captions (training/data/coco_karpathy_dataset.py:98 opens "
+        "`head_id + '.jpg'`); repeated sets dropped",
+        why="the official per-caption `group_times` weight is not kept: its training dataset returns weight 0 "
+        "and never uses it; `first-n` (the LLM condenses the first n captions) stays available",
     ),
     Row(
         "cross-domain model selection",
