@@ -36,6 +36,13 @@ class TestTinyCaptioner(CaptionerContract):
         return CaptionerSpec(preset="tiny", image_size=32)
 
 
+class TestSandboxCaptioner(CaptionerContract):
+    preset = "sandbox"
+
+    def make_spec(self, parts: dict[str, Path]) -> CaptionerSpec:
+        return CaptionerSpec(preset="sandbox", image_size=32)
+
+
 def test_every_registered_family_has_a_contract_test() -> None:
     tested = {cls.preset for cls in contract_subclasses(CaptionerContract)}
     assert set(CAPTIONERS.names()) <= tested
@@ -47,6 +54,6 @@ def test_unknown_preset_is_an_error_listing_the_known_ones() -> None:
 
     with pytest.raises(
         UserError,
-        match=r"unknown captioner preset 'prefx' \(did you mean 'prefix'\?\); known: icsd, prefix, tiny",
+        match=r"unknown captioner preset 'prefx' \(did you mean 'prefix'\?\); known: icsd, prefix, tiny, sandbox",
     ):
         build_caption_model(CaptionerSpec(preset="prefx"))

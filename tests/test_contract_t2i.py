@@ -30,6 +30,24 @@ class TestTinyRandomBackend(T2IContract):
         return "ignored"
 
 
+class TestSandboxRenderer(T2IContract):
+    backend = "sandbox"
+
+    @pytest.fixture(scope="class")
+    def model(self) -> str:
+        return "world"
+
+
+class TestSandboxCamera(T2IContract):
+    backend = "sandbox-camera"
+
+    @pytest.fixture(scope="class")
+    def model(self, tmp_path_factory: pytest.TempPathFactory) -> str:
+        from icsd.sandbox.make import WORLDS, write_world
+
+        return str(write_world(WORLDS["small"], tmp_path_factory.mktemp("world") / "small"))
+
+
 def test_every_registered_backend_has_a_contract_test() -> None:
     tested = {cls.backend for cls in contract_subclasses(T2IContract)}
     assert set(T2I_BACKENDS.names()) <= tested

@@ -95,6 +95,14 @@ class TestVLLMBackend(LLMBackendContract):
         return BackendSpec(backend="vllm", model=PACKAGED_MODEL_ID, params=GenerationParams(max_new_tokens=16))
 
 
+class TestSandboxSelector(LLMBackendContract):
+    backend_name = "sandbox"
+
+    @pytest.fixture()
+    def spec(self) -> BackendSpec:
+        return BackendSpec(backend="sandbox", model="ignored", params=GenerationParams(max_new_tokens=16))
+
+
 class TestLlamaCppBackend(LLMBackendContract):
     backend_name = "llama-cpp"
 

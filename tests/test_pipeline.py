@@ -16,6 +16,8 @@ import pytest
 from icsd import pipeline
 from icsd.testing.chat_server import ChatServer, echo_responder
 
+SMOKE = "pkg:configs/smoke.yaml"  # the real-model smoke chain (COCO captions, SmolLM2, tiny random diffusion)
+
 pytestmark = pytest.mark.slow  # long: kept in the default run (deselect with -m 'not slow')
 
 
@@ -27,7 +29,7 @@ def server() -> Iterator[ChatServer]:
 
 
 def small_overrides(server: ChatServer) -> dict[str, Any]:
-    """The quickstart, shrunk: a scripted LLM server instead of SmolLM2, tiny shapes, few steps."""
+    """The real-model smoke chain, shrunk: a scripted LLM server instead of SmolLM2, tiny shapes, few steps."""
     return {
         "ingest.limit": 200,
         "embed.part_size": 100,
@@ -49,7 +51,7 @@ def small_overrides(server: ChatServer) -> dict[str, Any]:
 
 
 def test_whole_chain_then_skip_then_partial_rerun(tmp_path: Path, server: ChatServer) -> None:
-    cfg = pipeline.load_config(None, small_overrides(server))
+    cfg = pipeline.load_config(SMOKE, small_overrides(server))
     run_dir = tmp_path / "qs"
     lines: list[str] = []
     first = pipeline.run(cfg, run_dir, echo=lines.append)
@@ -66,7 +68,7 @@ def test_whole_chain_then_skip_then_partial_rerun(tmp_path: Path, server: ChatSe
     again = pipeline.run(cfg, run_dir, echo=lines.append)
     assert again.ran == ["report"] and again.skipped == [s for s in first.ran if s != "report"]
 
-    longer = pipeline.load_config(None, {**small_overrides(server), "train.max_steps": 6})
+    longer = pipeline.load_config(SMOKE, {**small_overrides(server), "train.max_steps": 6})
     third = pipeline.run(longer, run_dir, echo=lines.append)
     assert third.ran == ["train", "evaluate", "report"]
 
@@ -79,7 +81,7 @@ def test_run_command_prints_where_outputs_went(tmp_path: Path, server: ChatServe
     args = [f"--{k}={v}" for k, v in small_overrides(server).items() if not k.startswith(("train", "evaluate"))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "icsd.cli", "run", "--run", str(tmp_path / "r"), "--to", "render", *args],
+        [sys.executable, "-m", "icsd.cli", "run", SMOKE, "--run", str(tmp_path / "r"), "--to", "render", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -87,7 +89,6 @@ def test_run_command_prints_where_outputs_went(tmp_path: Path, server: ChatServe
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "render: images 6" in r.stdout and "run: 5 stage(s) ran" in r.stdout
-    assert "configs/icsd_coco.yaml" in r.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "icsd.cli", "run", "--render.nope", "1"], capture_output=True, text=True, env=env
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import shutil
 import sys
@@ -25,6 +26,7 @@ import typer
 from pydantic.fields import FieldInfo
 
 from .errors import UserError, write_failure_reason
+from .sandbox import cli as sandbox_cli
 
 app = typer.Typer(
     name="icsd",
@@ -41,6 +43,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect resolved settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(sandbox_cli.app, name="sandbox")
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -390,12 +393,26 @@ def run_chain(
             break
     evals = sorted((root / "eval").glob("*/scores.json")) if (root / "eval").exists() else []
     for f in evals:
-        typer.echo(f"  scores:  {f}")
+        typer.echo(f"  scores:  {f}{headline_score(f)}")
     if config_file is None:
         typer.echo(
-            "This was the offline quickstart with tiny models. For the paper's setting on a GPU machine:\n"
+            "This was the offline quickstart in the sandbox world (docs/sandbox.md: what it shows and what\n"
+            "it does not). Caption a test image: icsd caption --model "
+            f"{root / 'train' / 'best'} IMAGE; the real-model smoke chain: icsd run pkg:configs/smoke.yaml.\n"
+            "For the paper's setting on a GPU machine:\n"
             "  icsd run configs/icsd_coco.yaml   (see configs/README.md for the keys you must set)"
         )
+
+
+def headline_score(scores_file: Path) -> str:
+    """`` (CIDEr 0.812, Bleu_4 0.301)`` from an evaluation's scores.json, or ``""``."""
+    try:
+        data = json.loads(scores_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    scores = data.get("scores", data) if isinstance(data, dict) else {}
+    shown = [f"{k} {scores[k]:.3f}" for k in ("CIDEr", "Bleu_4") if isinstance(scores.get(k), int | float)]
+    return f" ({', '.join(shown)})" if shown else ""
 
 
 @config_app.command(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PipelineConfig, lasting, quickstart_config_path, resolve
+from .config import PKG_PREFIX, PipelineConfig, lasting, package_file, quickstart_config_path, resolve
 from .errors import UserError
 from .stages import stage_names, stage_spec
 from .stages._base import StageSpec
@@ -32,8 +32,11 @@ def order() -> tuple[str, ...]:
 def load_config(
     file: str | Path | None, overrides: dict[str, Any] | None = None, run_dir: str | Path | None = None
 ) -> PipelineConfig:
-    """The run's config: the given YAML, or the bundled offline quickstart, over what ``run_dir``
-    was made with (its ``config.yaml``), with dotted overrides on top."""
+    """The run's config: the given YAML (``pkg:configs/NAME.yaml`` for a bundled one), or the bundled
+    offline quickstart, over what ``run_dir`` was made with (its ``config.yaml``), with dotted
+    overrides on top."""
+    if file is not None and str(file).startswith(PKG_PREFIX):
+        file = package_file(str(file)[len(PKG_PREFIX) :])
     path = Path(file) if file is not None else quickstart_config_path()
     return resolve(path, overrides, run_dir).config
 

@@ -43,7 +43,7 @@ KINDS: tuple[str, ...] = (
 # nouns (singular, plural) per kind; the first pair is the kind's own name
 NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
     "ball": (("ball", "balls"), ("sphere", "spheres")),
-    "box": (("box", "boxes"), ("crate", "crates")),
+    "box": (("box", "boxes"), ("crate", "crates"), ("cube", "cubes")),
     "cone": (("cone", "cones"), ("traffic cone", "traffic cones")),
     "star": (("star", "stars"),),
     "ring": (("ring", "rings"), ("hoop", "hoops")),

@@ -32,7 +32,7 @@ from .draw import CAMERA, Style, draw_scene
 from .world import random_scene, scene_captions
 
 PREFIX = "sandbox:"
-VERSION = 1  # bump when the world's generator changes what it writes
+VERSION = 2  # bump when the world's generator changes what it writes
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,19 @@ import numpy as np
 
 from ..backends.t2i import Rendered, T2ISpec
 from ..errors import UserError
-from .draw import CAMERA, CLEAN, Style, draw_scene
+from .draw import CAMERA, Style, draw_scene
 from .lexicon import parse
 from .world import Scene, realise
 
 MODEL = "world"
+RENDER = Style(jitter=0.06)  # flat colours and clean backgrounds; placement varies a little by seed
 OPTIONS = ("extra", "jitter", "texture", "noise", "colour_jitter")
 
 
 @dataclass(frozen=True)
 class RendererSettings:
     extra: float = 0.0
-    style: Style = CLEAN
+    style: Style = RENDER
 
 
 def parse_model(model: str) -> RendererSettings:
@@ -56,7 +57,7 @@ def parse_model(model: str) -> RendererSettings:
         except ValueError:
             raise UserError(f"sandbox renderer option {key} needs a number, got {value!r}") from None
     extra = values.pop("extra", 0.0)
-    return RendererSettings(extra=extra, style=replace(CLEAN, **values))
+    return RendererSettings(extra=extra, style=replace(RENDER, **values))
 
 
 @dataclass

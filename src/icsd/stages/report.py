@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..llm.answers import error_reason
 from ..metrics import SCALE_LABEL, SCORE_KEYS, format_score
 from ..records import ImageSample
+from ..sandbox import report as sandbox_report
 from ..store import RunDir, atomic_write_text, done_shards, iter_shard_samples
 from . import stage_names
 from ._base import StageResult, StageSpec, Timer, finish_stage
@@ -254,6 +255,8 @@ def render_html(run: RunDir, cfg: ReportConfig) -> str:
             groups_section(run, cfg.sample_groups),
             training_section(run),
             evaluation_section(run),
+            sandbox_report.sandbox_section(run.root),
+            sandbox_report.test_examples_section(run.root),
         ]
     )
     return (

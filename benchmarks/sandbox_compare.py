@@ -1,0 +1,161 @@
+"""The sandbox comparison of docs/sandbox.md: ICSD vs the uni-context baseline (and, with --all, no
+selection, summary pairs and the oracle) over several seeds, plus the best-fixed-caption bound.
+
+    python benchmarks/sandbox_compare.py                    # ICSD + uni-context + bounds, seeds 0 1 2
+    python benchmarks/sandbox_compare.py --all --out runs/sandbox
+    python benchmarks/sandbox_compare.py --methods icsd --seeds 0
+
+Each (method, seed) is one ordinary `icsd run configs/sandbox_<method>.yaml` with `--train.seed`,
+`--summarize.seed` and `--render.seed` set to the seed (the world itself stays the same). The
+fixed-caption bound is the corpus caption (among the 300 most frequent) with the best validation
+CIDEr, scored on the test split with `icsd evaluate --predictions`. It prints each seed's test
+scores, mean and spread per method, and `icsd compare` over all runs, and writes OUT/summary.json
+and OUT/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = "sandbox-test"
+METHODS = {
+    "icsd": "sandbox_icsd.yaml",
+    "uni_context": "sandbox_uni_context.yaml",
+    "no_selection": "sandbox_no_selection.yaml",
+    "summary_pairs": "sandbox_summary_pairs.yaml",
+    "oracle": "sandbox_oracle.yaml",
+}
+TEXT_STAGES = ("captions.parquet", "embeddings", "candidates.parquet")
+
+
+def icsd(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "icsd.cli", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def seed_text_stages(source: Path, dest: Path) -> None:
+    """Start ``dest`` with the ingest/embed/group outputs of ``source`` (they do not depend on the
+    seed), so the pipeline skips them as unchanged."""
+    if dest.exists() or not (source / "manifest.json").exists():
+        return
+    dest.mkdir(parents=True)
+    for name in TEXT_STAGES:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    manifest = json.loads((source / "manifest.json").read_text())
+    keep = {"ingest", "embed", "group"}
+    manifest["stages"] = {k: v for k, v in manifest.get("stages", {}).items() if k in keep}
+    manifest["pipeline"] = {k: v for k, v in manifest.get("pipeline", {}).items() if k in keep}
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_scores(run: Path) -> dict[str, float]:
+    data = json.loads((run / "eval" / BENCH / "scores.json").read_text())
+    return {k: float(v) for k, v in data.get("scores", data).items() if isinstance(v, int | float)}
+
+
+def world_file(name: str) -> Path:
+    from icsd.sandbox.make import resolve_path
+
+    return Path(resolve_path(f"sandbox:default/{name}"))
+
+
+def fixed_caption_bound(out: Path) -> tuple[str, dict[str, float]]:
+    """The corpus caption with the best validation CIDEr among the most frequent ones, on test."""
+    from icsd.formats import load_coco_captions
+    from icsd.metrics import score_captions
+
+    corpus = world_file("train.txt").read_text(encoding="utf-8").splitlines()
+    frequent = [c for c, _ in collections.Counter(corpus).most_common(300)]
+    val = {im.image_id: im.captions for im in load_coco_captions(world_file("val.json"))}
+    best, best_cider = frequent[0], -1.0
+    for caption in frequent:
+        cider = score_captions(val, {i: caption for i in val}, metrics="cider").overall.scores["CIDEr"]
+        if cider > best_cider:
+            best, best_cider = caption, cider
+    test = load_coco_captions(world_file("test.json"))
+    preds = [{"image_id": int(im.image_id), "caption": best} for im in test]
+    run = out / "fixed_caption"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "predictions.json").write_text(json.dumps(preds))
+    icsd("evaluate", "--predictions", str(run / "predictions.json"), "--annotations", str(world_file("test.json")),
+         "--benchmark", BENCH, "--run", str(run), "--out", str(run / "eval" / BENCH / "scores.json"))  # fmt: skip
+    return best, test_scores(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/sandbox"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["icsd", "uni_context"], choices=list(METHODS))
+    ap.add_argument("--all", action="store_true", help="every method, the ablations and the oracle included")
+    args = ap.parse_args()
+    methods = list(METHODS) if args.all else args.methods
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    seconds: dict[str, float] = {}
+    runs: list[Path] = []
+    for method in methods:
+        for seed in args.seeds:
+            run = args.out / f"{method}-s{seed}"
+            if method != "uni_context":
+                seed_text_stages(args.out / f"icsd-s{args.seeds[0]}", run)
+            start = time.perf_counter()
+            icsd("run", str(REPO / "configs" / METHODS[method]), "--run", str(run),
+                 f"--train.seed={seed}", f"--summarize.seed={seed}", f"--render.seed={seed}")  # fmt: skip
+            seconds[run.name] = round(time.perf_counter() - start, 1)
+            results.setdefault(method, {})[seed] = test_scores(run)
+            runs.append(run)
+            print(f"{run.name}: test CIDEr {results[method][seed]['CIDEr']:.3f} ({seconds[run.name]:.0f}s)", flush=True)
+    caption, fixed = fixed_caption_bound(args.out)
+    runs.append(args.out / "fixed_caption")
+    total = time.perf_counter() - t0
+
+    metrics = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
+    lines = ["| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |", "|---" * (len(metrics) + 2) + "|"]
+    summary: dict[str, object] = {"seeds": args.seeds, "seconds": seconds, "total_seconds": round(total, 1)}
+    for method, by_seed in results.items():
+        cells = []
+        for m in metrics:
+            vals = [s[m] for s in by_seed.values() if m in s]
+            if not vals:
+                cells.append("")
+                continue
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
+        per_seed = ", ".join(f"{by_seed[s]['CIDEr']:.3f}" for s in sorted(by_seed))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {per_seed} |")
+    lines.append(f"| fixed caption \"{caption}\" | " + " | ".join(f"{fixed.get(m, 0):.3f}" for m in metrics) + " | (no seed) |")
+    table = "\n".join(lines)
+    summary["results"] = {m: {str(s): v for s, v in r.items()} for m, r in results.items()}
+    summary["fixed_caption"] = {"caption": caption, "scores": fixed}
+    if "icsd" in results and "uni_context" in results:
+        icsd_mean = statistics.mean(r["CIDEr"] for r in results["icsd"].values())
+        uni_mean = statistics.mean(r["CIDEr"] for r in results["uni_context"].values())
+        summary["icsd_over_uni_relative"] = round(icsd_mean / uni_mean - 1, 4) if uni_mean else None
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(icsd("compare", *map(str, runs)).stdout)
+    print(f"sandbox comparison: {len(runs)} runs in {total / 60:.1f} min -> {args.out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

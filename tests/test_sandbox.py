@@ -1,0 +1,204 @@
+"""The sandbox world: captions are true of their scenes, the renderer draws what a sentence says,
+the selector never keeps two contradicting captions, world files are deterministic."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icsd.llm.answers import parse_answer
+from icsd.llm.prompts import PromptSettings, answer_schema, load_template
+from icsd.sandbox.draw import BACKGROUND_RGB, RGB
+from icsd.sandbox.lexicon import Description, Mention, conflicts, describe, parse
+from icsd.sandbox.make import WORLDS, ensure_world, resolve_path, write_world
+from icsd.sandbox.renderer import SandboxCamera, SandboxRenderer, parse_model
+from icsd.sandbox.selector import answer, candidates_in
+from icsd.sandbox.world import agrees, random_scene, realise, scene_captions, scene_description
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list:
+    rng = random.Random(11)
+    return [random_scene(rng) for _ in range(300)]
+
+
+def test_captions_never_state_anything_false(scenes: list) -> None:
+    rng = random.Random(0)
+    for scene in scenes:
+        captions = scene_captions(scene, rng)
+        assert len(captions) == 5 and len(set(captions)) == 5
+        for caption in captions:
+            desc = parse(caption)
+            assert 1 <= len(desc.objects) <= 3, caption
+            assert agrees(desc, scene) == [], (caption, scene)
+
+
+def test_captions_are_partial_and_varied(scenes: list) -> None:
+    rng = random.Random(1)
+    captions = [c for s in scenes for c in scene_captions(s, rng)]
+    starts = {" ".join(c.split()[:2]) for c in captions}
+    assert len(starts) > 40  # many sentence openings, not one template
+    full = sum(len(parse(c).objects) == len(s.objects) for s in scenes for c in scene_captions(s, rng))
+    assert full < 0.5 * len(captions)  # most captions leave objects out
+    assert any("sphere" in c for c in captions) and any("big" in c or "large" in c for c in captions)
+    assert any(" two " in f" {c} " or " three " in f" {c} " for c in captions)
+
+
+def test_description_written_and_read_back_is_the_same(scenes: list) -> None:
+    rng = random.Random(2)
+    for scene in scenes:
+        desc = scene_description(scene)
+        assert parse(describe(desc)) == desc
+        for caption in scene_captions(scene, rng):
+            d = parse(caption)
+            assert parse(describe(d)) == d, caption
+
+
+def test_the_renderer_draws_what_the_sentence_says() -> None:
+    """Realise a sentence as a scene; the scene agrees with the sentence, and the captions of that
+    scene, parsed back, agree with it too (the render holds what was asked and nothing false)."""
+    rng = random.Random(3)
+    sentences = [
+        "a small red ball on the grass",
+        "two big blue boxes on the left and a yellow kite at the top",
+        "a green cup on a box in a room with a wooden floor",
+        "three white birds above a black boat on a lake",
+        "a purple umbrella next to an orange chair",
+    ]
+    for sentence in sentences:
+        said = parse(sentence)
+        for seed in range(5):
+            scene = realise(said, random.Random(seed))
+            assert agrees(said, scene) == [], (sentence, scene)
+            assert {o.kind for o in scene.objects} == set(said.objects)  # sparse: only what was named
+            for caption in scene_captions(scene, rng):
+                assert agrees(parse(caption), scene) == []
+
+
+def test_renderer_pixels_show_the_named_colour_and_background() -> None:
+    generator = SandboxRenderer.load(_spec("world"), "cpu")
+    out = generator.generate(["a large red ball in the middle on the sand"], [5], width=64, height=64)
+    pixels = out.pixels[0].astype(int)
+    corner = pixels[:6, :6].reshape(-1, 3).mean(0)
+    assert np.abs(corner - BACKGROUND_RGB["sand"]).max() < 25
+    centre = pixels[24:40, 24:40].reshape(-1, 3)
+    red = np.abs(centre - RGB["red"]).max(axis=1) < 40
+    assert red.mean() > 0.3
+
+
+def test_renderer_options_and_errors() -> None:
+    assert parse_model("world:extra=0.5,noise=3").extra == 0.5
+    from icsd.errors import UserError
+
+    with pytest.raises(UserError, match="--render.model world"):
+        parse_model("CompVis/stable-diffusion-v1-4")
+    with pytest.raises(UserError, match="unknown sandbox renderer option"):
+        parse_model("world:colour=1")
+    dense = realise(parse("a red ball"), random.Random(0), extra_objects=1.0)
+    assert len(dense.objects) == 5
+
+
+def test_a_multi_context_summary_renders_a_fuller_scene_than_one_caption() -> None:
+    one = realise(parse("a red ball on the grass"), random.Random(0))
+    summary = "a red ball on the left, two blue boxes at the top and a green tree in the middle, on the grass"
+    many = realise(parse(summary), random.Random(0))
+    assert len(one.objects) == 1 and len(many.objects) == 3
+
+
+def _spec(model: str):
+    from icsd.backends.t2i import T2ISpec
+
+    return T2ISpec(model=model, backend="sandbox")
+
+
+# ----------------------------------------------------------------------------- the selector
+
+
+def test_selector_never_keeps_two_contradicting_captions(scenes: list) -> None:
+    rng = random.Random(4)
+    corpus = [c for s in scenes[:60] for c in scene_captions(s, rng)]
+    settings = PromptSettings()
+    template = load_template(settings)
+    ok = invalid = 0
+    for trial in range(60):
+        head = corpus[trial]
+        same_kind = [c for c in corpus if set(parse(c).objects) & set(parse(head).objects)]
+        cands = [head, *rng.sample(same_kind, min(20, len(same_kind)))][:30]
+        text = answer(template.render(cands), answer_schema(settings, len(cands)))
+        parsed = parse_answer(text, settings, len(cands))
+        chosen = [parse(cands[i - 1]) for i in (parsed.indices or json.loads(text)["index"])]
+        for a, b in itertools.combinations(chosen, 2):
+            assert conflicts(a, b) == []
+        if parsed.status == "ok":
+            ok += 1
+            assert 5 <= len(parsed.indices) <= 10 and parsed.indices[0] == 1
+            assert len(parsed.summary.split()) <= 50
+            merged = parse(parsed.summary)
+            assert all(conflicts(merged, d) == [] for d in chosen)
+        else:
+            invalid += 1
+            assert parsed.status == "invalid" and "chosen" in (parsed.error or "")
+    assert ok and invalid
+
+
+def test_selector_reads_the_official_prompt_and_first_n_mode() -> None:
+    cands = ["a red ball on the grass", "a blue ball", "a ball and a box", "a red ball on the left", "a tree"]
+    official = load_template(PromptSettings(min_select=2), "official")
+    assert candidates_in(official.render(cands)) == cands
+    text = answer(official.render(cands), answer_schema(PromptSettings(min_select=2), 5))
+    assert json.loads(text)["index"] == [1, 3, 4, 5]
+    first_n = PromptSettings(mode="first-n")
+    out = parse_answer(answer(load_template(first_n).render(cands), answer_schema(first_n, 5)), first_n, 5)
+    assert out.status == "ok" and "red ball" in (out.summary or "")
+
+
+def test_conflict_rules() -> None:
+    red = Description(objects={"ball": Mention("ball", colour="red")})
+    blue = Description(objects={"ball": Mention("ball", colour="blue")})
+    two = Description(objects={"ball": Mention("ball", count=2)}, background="snow")
+    sand = Description(objects={"box": Mention("box")}, background="sand")
+    assert conflicts(red, blue) and not conflicts(red, two) and conflicts(two, sand)
+
+
+# ----------------------------------------------------------------------------- world files
+
+
+def test_world_files_are_deterministic_and_complete(tmp_path: Path) -> None:
+    spec = WORLDS["small"]
+    a, b = write_world(spec, tmp_path / "a"), write_world(spec, tmp_path / "b")
+    for name in ("train.txt", "train_scenes.json", "val.json", "test.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    test = json.loads((a / "test.json").read_text())
+    assert len(test["images"]) == spec.test_scenes and len(test["annotations"]) == 5 * spec.test_scenes
+    assert all((a / "test" / im["file_name"]).is_file() for im in test["images"])
+    assert len((a / "train.txt").read_text().splitlines()) == 5 * spec.train_scenes
+
+
+def test_sandbox_paths_in_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICSD_SANDBOX_DIR", str(tmp_path))
+    path = Path(resolve_path("sandbox:small/test.json"))
+    assert path.is_file() and path.parent.parent == tmp_path
+    assert ensure_world("small") == path.parent  # reused, not rewritten
+    from icsd.config import resolve_layers, Layer
+
+    cfg = resolve_layers([Layer("test", {"ingest": {"corpus": "sandbox:small/train.txt"}})]).config
+    assert Path(cfg.ingest.corpus or "").read_text().count("\n") == 5 * WORLDS["small"].train_scenes
+
+
+def test_camera_draws_the_hidden_scene_of_a_training_caption(tmp_path: Path) -> None:
+    folder = write_world(WORLDS["small"], tmp_path / "w")
+    entry = json.loads((folder / "train_scenes.json").read_text())["scenes"][0]
+    generator = SandboxCamera.load(_camera_spec(SandboxCamera.prepare(str(folder), tmp_path)), "cpu")
+    scene = generator.scene_for(entry["captions"][0], 1)
+    assert scene.to_json() == entry["scene"]
+
+
+def _camera_spec(model: str):
+    from icsd.backends.t2i import T2ISpec
+
+    return T2ISpec(model=model, backend="sandbox-camera")
