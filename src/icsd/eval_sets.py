@@ -36,6 +36,8 @@ EVAL_SETS: dict[str, EvalSetSpec] = {
     "flickr30k-karpathy-val": EvalSetSpec("karpathy", "val", "flickr30k", 1014),
     "nocaps-val": EvalSetSpec("nocaps", None, None, 4500),
     "coco-captions": EvalSetSpec("coco"),
+    "sandbox-test": EvalSetSpec("coco", None, "sandbox"),  # the sandbox world's benchmarks (docs/sandbox.md)
+    "sandbox-val": EvalSetSpec("coco", None, "sandbox"),
 }
 
 
