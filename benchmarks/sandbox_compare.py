@@ -36,6 +36,7 @@ METHODS = {
     "oracle": "sandbox_oracle.yaml",
 }
 TEXT_STAGES = ("captions.parquet", "embeddings", "candidates.parquet")
+REFERENCE = "reference_scores.json"  # what every sandbox run's report shows beside its own scores
 
 
 def icsd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,6 +64,39 @@ def seed_text_stages(source: Path, dest: Path) -> None:
     manifest["stages"] = {k: v for k, v in manifest.get("stages", {}).items() if k in keep}
     manifest["pipeline"] = {k: v for k, v in manifest.get("pipeline", {}).items() if k in keep}
     (dest / "manifest.json").write_text(json.dumps(manifest))
+
+
+def pair_statistics(run: Path) -> dict[str, float]:
+    """What the renderer drew for a run: objects per image, and the share of (image, caption) pairs
+    whose caption is all true of its image (the renderer is deterministic per item seed, so each
+    image's scene is recomputed from its prompt)."""
+    import pyarrow.parquet as pq
+
+    from icsd.backends.t2i import item_seed
+    from icsd.sandbox.lexicon import parse
+    from icsd.sandbox.renderer import SceneRenderer, parse_model
+    from icsd.sandbox.world import agrees
+    from icsd.store import safe_key
+
+    config = json.loads((run / "manifest.json").read_text())["stages"]["render"]["config"]
+    if config["backend"] != "sandbox":
+        return {}
+    renderer = SceneRenderer(parse_model(config["model"]))
+    pairs = pq.read_table(run / "pairs.parquet").to_pylist()
+    if config["prompts"] == "captions":
+        rows = pq.read_table(run / "captions.parquet").to_pylist()
+        prompts = {r["caption_id"]: r["text"] for r in rows}
+    else:
+        rows = pq.read_table(run / "selections.parquet").to_pylist()
+        prompts = {r["group_id"]: r["summary"] for r in rows if r["status"] == "ok"}
+    keys = {p["image_key"] for p in pairs}
+    scenes = {safe_key(k): renderer.scene_for(v, item_seed(config["seed"], k)) for k, v in prompts.items() if safe_key(k) in keys}
+    true = [not agrees(parse(p["caption"]), scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes]
+    return {
+        "objects_per_image": round(statistics.mean(len(s.objects) for s in scenes.values()), 2),
+        "pairs_all_true": round(sum(true) / max(1, len(true)), 3),
+        "prompts_over_five_kinds": round(sum(len(parse(prompts[k]).objects) > 5 for k in prompts if safe_key(k) in keys) / max(1, len(scenes)), 3),
+    }
 
 
 def test_scores(run: Path) -> dict[str, float]:
@@ -99,12 +133,29 @@ def fixed_caption_bound(out: Path) -> tuple[str, dict[str, float]]:
     return best, test_scores(run)
 
 
+def publish(results: dict[str, dict[int, dict[str, float]]], caption: str, fixed: dict[str, float], seeds: list[int]) -> None:
+    methods: dict[str, dict[str, object]] = {}
+    for method, by_seed in results.items():
+        cider = [s["CIDEr"] for s in by_seed.values()]
+        methods[method] = {
+            "CIDEr_mean": round(statistics.mean(cider), 4),
+            "CIDEr_sd": round(statistics.stdev(cider), 4) if len(cider) > 1 else 0.0,
+            "Bleu_4_mean": round(statistics.mean(s.get("Bleu_4", 0.0) for s in by_seed.values()), 4),
+            "note": f"{len(cider)} seeds",
+        }
+    methods["fixed caption (bound)"] = {"CIDEr_mean": round(fixed["CIDEr"], 4), "CIDEr_sd": 0.0,
+                                        "Bleu_4_mean": round(fixed.get("Bleu_4", 0.0), 4), "note": caption}  # fmt: skip
+    doc = {"note": f"test CIDEr mean ± sd over seeds {seeds} (benchmarks/sandbox_compare.py; docs/sandbox.md)", "methods": methods}
+    (REPO / "src" / "icsd" / "sandbox" / REFERENCE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/sandbox"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["icsd", "uni_context"], choices=list(METHODS))
     ap.add_argument("--all", action="store_true", help="every method, the ablations and the oracle included")
+    ap.add_argument("--publish", action="store_true", help=f"also write the means to src/icsd/sandbox/{REFERENCE}")
     args = ap.parse_args()
     methods = list(METHODS) if args.all else args.methods
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +163,8 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
     runs: list[Path] = []
-    for method in methods:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for method in methods:
             run = args.out / f"{method}-s{seed}"
             if method != "uni_context":
                 seed_text_stages(args.out / f"icsd-s{args.seeds[0]}", run)
@@ -151,8 +202,16 @@ def main() -> None:
         uni_mean = statistics.mean(r["CIDEr"] for r in results["uni_context"].values())
         summary["icsd_over_uni_relative"] = round(icsd_mean / uni_mean - 1, 4) if uni_mean else None
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.publish:
+        publish(results, caption, fixed, args.seeds)
     (args.out / "summary.md").write_text(table + "\n")
     print(table)
+    for run in runs:
+        if (run / "pairs.parquet").exists():
+            stats = pair_statistics(run)
+            summary.setdefault("pair_statistics", {})[run.name] = stats  # type: ignore[union-attr]
+            print(f"{run.name}: {stats}")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(icsd("compare", *map(str, runs)).stdout)
     print(f"sandbox comparison: {len(runs)} runs in {total / 60:.1f} min -> {args.out / 'summary.md'}")
 

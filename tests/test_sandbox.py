@@ -202,3 +202,37 @@ def _camera_spec(model: str):
     from icsd.backends.t2i import T2ISpec
 
     return T2ISpec(model=model, backend="sandbox-camera")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_quickstart_is_the_sandbox_world_and_smoke_keeps_the_real_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from icsd import pipeline
+
+    monkeypatch.setenv("ICSD_SANDBOX_DIR", str(tmp_path))
+    quick = pipeline.load_config(None)
+    assert quick.name == "quickstart" and quick.summarize.backend == "sandbox" and quick.render.backend == "sandbox"
+    assert quick.train.preset == "sandbox" and quick.evaluate.benchmark == "sandbox-test"
+    assert Path(quick.ingest.corpus or "").is_file() and Path(quick.evaluate.images or "").is_dir()
+    assert Path(quick.train.val_images or "").is_dir()
+    smoke = pipeline.load_config("pkg:configs/smoke.yaml")
+    assert smoke.name == "smoke" and smoke.summarize.backend == "transformers" and smoke.render.tiny_random
+    assert smoke.evaluate.benchmark == "coco-captions"
+
+
+def test_sandbox_experiment_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from icsd import pipeline
+
+    monkeypatch.setenv("ICSD_SANDBOX_DIR", str(tmp_path))
+    root = Path(__file__).resolve().parents[1] / "configs"
+    icsd = pipeline.load_config(root / "sandbox_icsd.yaml")
+    uni = pipeline.load_config(root / "sandbox_uni_context.yaml")
+    assert uni.pairs.kinds == ["uni"] and uni.render.prompts == "captions" and uni.train == icsd.train
+    assert "summarize" not in pipeline.enabled_stages(uni)
+    assert pipeline.load_config(root / "sandbox_no_selection.yaml").summarize.mode == "first-n"
+    assert pipeline.load_config(root / "sandbox_summary_pairs.yaml").pairs.kinds == ["summary"]
+    oracle = pipeline.load_config(root / "sandbox_oracle.yaml")
+    assert oracle.render.backend == "sandbox-camera" and (Path(oracle.render.model) / "train_scenes.json").is_file()
