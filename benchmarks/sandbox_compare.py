@@ -90,12 +90,22 @@ def pair_statistics(run: Path) -> dict[str, float]:
         rows = pq.read_table(run / "selections.parquet").to_pylist()
         prompts = {r["group_id"]: r["summary"] for r in rows if r["status"] == "ok"}
     keys = {p["image_key"] for p in pairs}
-    scenes = {safe_key(k): renderer.scene_for(v, item_seed(config["seed"], k)) for k, v in prompts.items() if safe_key(k) in keys}
-    true = [not agrees(parse(p["caption"]), scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes]
+    scenes = {
+        safe_key(k): renderer.scene_for(v, item_seed(config["seed"], k))
+        for k, v in prompts.items()
+        if safe_key(k) in keys
+    }
+    true = [
+        not agrees(parse(p["caption"]), scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes
+    ]
     return {
         "objects_per_image": round(statistics.mean(len(s.objects) for s in scenes.values()), 2),
         "pairs_all_true": round(sum(true) / max(1, len(true)), 3),
-        "prompts_over_five_kinds": round(sum(len(parse(prompts[k]).objects) > 5 for k in prompts if safe_key(k) in keys) / max(1, len(scenes)), 3),
+        "prompts_over_five_kinds": round(
+            sum(len(parse(prompts[k]).objects) > 5 for k in prompts if safe_key(k) in keys)
+            / max(1, len(scenes)),
+            3,
+        ),
     }
 
 
@@ -133,7 +143,9 @@ def fixed_caption_bound(out: Path) -> tuple[str, dict[str, float]]:
     return best, test_scores(run)
 
 
-def publish(results: dict[str, dict[int, dict[str, float]]], caption: str, fixed: dict[str, float], seeds: list[int]) -> None:
+def publish(
+    results: dict[str, dict[int, dict[str, float]]], caption: str, fixed: dict[str, float], seeds: list[int]
+) -> None:
     methods: dict[str, dict[str, object]] = {}
     for method, by_seed in results.items():
         cider = [s["CIDEr"] for s in by_seed.values()]
@@ -145,8 +157,13 @@ def publish(results: dict[str, dict[int, dict[str, float]]], caption: str, fixed
         }
     methods["fixed caption (bound)"] = {"CIDEr_mean": round(fixed["CIDEr"], 4), "CIDEr_sd": 0.0,
                                         "Bleu_4_mean": round(fixed.get("Bleu_4", 0.0), 4), "note": caption}  # fmt: skip
-    doc = {"note": f"test CIDEr mean ± sd over seeds {seeds} (benchmarks/sandbox_compare.py; docs/sandbox.md)", "methods": methods}
-    (REPO / "src" / "icsd" / "sandbox" / REFERENCE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    doc = {
+        "note": f"test CIDEr mean ± sd over seeds {seeds} (benchmarks/sandbox_compare.py; docs/sandbox.md)",
+        "methods": methods,
+    }
+    (REPO / "src" / "icsd" / "sandbox" / REFERENCE).write_text(
+        json.dumps(doc, indent=1) + "\n", encoding="utf-8"
+    )
 
 
 def main() -> None:
@@ -155,7 +172,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["icsd", "uni_context"], choices=list(METHODS))
     ap.add_argument("--all", action="store_true", help="every method, the ablations and the oracle included")
-    ap.add_argument("--publish", action="store_true", help=f"also write the means to src/icsd/sandbox/{REFERENCE}")
+    ap.add_argument(
+        "--publish", action="store_true", help=f"also write the means to src/icsd/sandbox/{REFERENCE}"
+    )
     args = ap.parse_args()
     methods = list(METHODS) if args.all else args.methods
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,13 +193,19 @@ def main() -> None:
             seconds[run.name] = round(time.perf_counter() - start, 1)
             results.setdefault(method, {})[seed] = test_scores(run)
             runs.append(run)
-            print(f"{run.name}: test CIDEr {results[method][seed]['CIDEr']:.3f} ({seconds[run.name]:.0f}s)", flush=True)
+            print(
+                f"{run.name}: test CIDEr {results[method][seed]['CIDEr']:.3f} ({seconds[run.name]:.0f}s)",
+                flush=True,
+            )
     caption, fixed = fixed_caption_bound(args.out)
     runs.append(args.out / "fixed_caption")
     total = time.perf_counter() - t0
 
     metrics = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
-    lines = ["| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |", "|---" * (len(metrics) + 2) + "|"]
+    lines = [
+        "| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
     summary: dict[str, object] = {"seeds": args.seeds, "seconds": seconds, "total_seconds": round(total, 1)}
     for method, by_seed in results.items():
         cells = []
@@ -193,7 +218,11 @@ def main() -> None:
             cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
         per_seed = ", ".join(f"{by_seed[s]['CIDEr']:.3f}" for s in sorted(by_seed))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {per_seed} |")
-    lines.append(f"| fixed caption \"{caption}\" | " + " | ".join(f"{fixed.get(m, 0):.3f}" for m in metrics) + " | (no seed) |")
+    lines.append(
+        f'| fixed caption "{caption}" | '
+        + " | ".join(f"{fixed.get(m, 0):.3f}" for m in metrics)
+        + " | (no seed) |"
+    )
     table = "\n".join(lines)
     summary["results"] = {m: {str(s): v for s, v in r.items()} for m, r in results.items()}
     summary["fixed_caption"] = {"caption": caption, "scores": fixed}

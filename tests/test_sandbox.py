@@ -184,7 +184,7 @@ def test_sandbox_paths_in_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     path = Path(resolve_path("sandbox:small/test.json"))
     assert path.is_file() and path.parent.parent == tmp_path
     assert ensure_world("small") == path.parent  # reused, not rewritten
-    from icsd.config import resolve_layers, Layer
+    from icsd.config import Layer, resolve_layers
 
     cfg = resolve_layers([Layer("test", {"ingest": {"corpus": "sandbox:small/train.txt"}})]).config
     assert Path(cfg.ingest.corpus or "").read_text().count("\n") == 5 * WORLDS["small"].train_scenes
@@ -214,7 +214,11 @@ def test_quickstart_is_the_sandbox_world_and_smoke_keeps_the_real_models(
 
     monkeypatch.setenv("ICSD_SANDBOX_DIR", str(tmp_path))
     quick = pipeline.load_config(None)
-    assert quick.name == "quickstart" and quick.summarize.backend == "sandbox" and quick.render.backend == "sandbox"
+    assert (
+        quick.name == "quickstart"
+        and quick.summarize.backend == "sandbox"
+        and quick.render.backend == "sandbox"
+    )
     assert quick.train.preset == "sandbox" and quick.evaluate.benchmark == "sandbox-test"
     assert Path(quick.ingest.corpus or "").is_file() and Path(quick.evaluate.images or "").is_dir()
     assert Path(quick.train.val_images or "").is_dir()
@@ -235,4 +239,7 @@ def test_sandbox_experiment_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert pipeline.load_config(root / "sandbox_no_selection.yaml").summarize.mode == "first-n"
     assert pipeline.load_config(root / "sandbox_summary_pairs.yaml").pairs.kinds == ["summary"]
     oracle = pipeline.load_config(root / "sandbox_oracle.yaml")
-    assert oracle.render.backend == "sandbox-camera" and (Path(oracle.render.model) / "train_scenes.json").is_file()
+    assert (
+        oracle.render.backend == "sandbox-camera"
+        and (Path(oracle.render.model) / "train_scenes.json").is_file()
+    )

@@ -12,7 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..backends.captioners import CaptionerSpec, CaptionModel, TinyCaptioner, clip_image_processor, dropout_overrides
+from ..backends.captioners import (
+    CaptionerSpec,
+    CaptionModel,
+    TinyCaptioner,
+    clip_image_processor,
+    dropout_overrides,
+)
 from .lexicon import (
     BACKGROUND_NOUNS,
     BACKGROUND_PHRASES,
@@ -31,7 +37,12 @@ PATTERN_WORDS = (
     "lying resting sitting standing medium sized"
 ).split()
 PUNCTUATION = (",", ".", ";", "-", "'")
-VISION: dict[str, Any] = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4}
+VISION: dict[str, Any] = {
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 TEXT: dict[str, Any] = {
     "hidden_size": 96,
     "intermediate_size": 192,

@@ -10,7 +10,9 @@ import typer
 
 from .make import WORLDS, custom_spec, write_world
 
-app = typer.Typer(help="The sandbox world (docs/sandbox.md): write its corpus and benchmarks.", no_args_is_help=True)
+app = typer.Typer(
+    help="The sandbox world (docs/sandbox.md): write its corpus and benchmarks.", no_args_is_help=True
+)
 
 
 @app.command(
@@ -25,7 +27,9 @@ def make(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (replaced if there).")],
     world: Annotated[str, typer.Option(help=f"World preset to start from: {', '.join(WORLDS)}.")] = "default",
     seed: Annotated[int | None, typer.Option(help="World seed (scenes and captions).")] = None,
-    train_scenes: Annotated[int | None, typer.Option(help="Hidden train scenes (5 corpus captions each).")] = None,
+    train_scenes: Annotated[
+        int | None, typer.Option(help="Hidden train scenes (5 corpus captions each).")
+    ] = None,
     val_scenes: Annotated[int | None, typer.Option(help="Validation images.")] = None,
     test_scenes: Annotated[int | None, typer.Option(help="Test images.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Benchmark image size in pixels.")] = None,

@@ -84,14 +84,25 @@ def _ball(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> Non
 
 def _box(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
     s = r * 0.8
-    d.polygon([(x - s, y - s * 0.6), (x - s * 0.6, y - s), (x + s, y - s), (x + s * 0.6, y - s * 0.6)], fill=_darker(c, 0.8))
-    d.rectangle([x - s, y - s * 0.6, x + s * 0.6, y + s], fill=c, outline=_outline(c), width=max(1, int(r / 10)))
+    d.polygon(
+        [(x - s, y - s * 0.6), (x - s * 0.6, y - s), (x + s, y - s), (x + s * 0.6, y - s * 0.6)],
+        fill=_darker(c, 0.8),
+    )
+    d.rectangle(
+        [x - s, y - s * 0.6, x + s * 0.6, y + s], fill=c, outline=_outline(c), width=max(1, int(r / 10))
+    )
 
 
 def _cone(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
-    d.polygon([(x, y - r), (x - r * 0.7, y + r * 0.8), (x + r * 0.7, y + r * 0.8)], fill=c, outline=_outline(c))
+    d.polygon(
+        [(x, y - r), (x - r * 0.7, y + r * 0.8), (x + r * 0.7, y + r * 0.8)], fill=c, outline=_outline(c)
+    )
     d.rectangle([x - r * 0.9, y + r * 0.75, x + r * 0.9, y + r], fill=_darker(c))
-    d.line([(x - r * 0.4, y + r * 0.1), (x + r * 0.4, y + r * 0.1)], fill=(255, 255, 255), width=max(1, int(r / 6)))
+    d.line(
+        [(x - r * 0.4, y + r * 0.1), (x + r * 0.4, y + r * 0.1)],
+        fill=(255, 255, 255),
+        width=max(1, int(r / 6)),
+    )
 
 
 def _star(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
@@ -109,7 +120,9 @@ def _ring(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> Non
 
 def _tree(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
     d.rectangle([x - r * 0.15, y + r * 0.3, x + r * 0.15, y + r], fill=(110, 70, 30))
-    d.polygon([(x, y - r), (x - r * 0.75, y + r * 0.4), (x + r * 0.75, y + r * 0.4)], fill=c, outline=_outline(c))
+    d.polygon(
+        [(x, y - r), (x - r * 0.75, y + r * 0.4), (x + r * 0.75, y + r * 0.4)], fill=c, outline=_outline(c)
+    )
 
 
 def _house(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
@@ -120,20 +133,43 @@ def _house(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> No
 
 def _car(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
     d.rectangle([x - r, y - r * 0.1, x + r, y + r * 0.45], fill=c, outline=_outline(c))
-    d.polygon([(x - r * 0.55, y - r * 0.1), (x - r * 0.35, y - r * 0.55), (x + r * 0.35, y - r * 0.55), (x + r * 0.55, y - r * 0.1)], fill=_darker(c, 0.8))
+    d.polygon(
+        [
+            (x - r * 0.55, y - r * 0.1),
+            (x - r * 0.35, y - r * 0.55),
+            (x + r * 0.35, y - r * 0.55),
+            (x + r * 0.55, y - r * 0.1),
+        ],
+        fill=_darker(c, 0.8),
+    )
     for wx in (x - r * 0.55, x + r * 0.55):
         d.ellipse([wx - r * 0.25, y + r * 0.3, wx + r * 0.25, y + r * 0.8], fill=(30, 30, 30))
 
 
 def _boat(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
-    d.polygon([(x - r, y + r * 0.3), (x + r, y + r * 0.3), (x + r * 0.6, y + r * 0.8), (x - r * 0.6, y + r * 0.8)], fill=c, outline=_outline(c))
+    d.polygon(
+        [(x - r, y + r * 0.3), (x + r, y + r * 0.3), (x + r * 0.6, y + r * 0.8), (x - r * 0.6, y + r * 0.8)],
+        fill=c,
+        outline=_outline(c),
+    )
     d.line([(x, y + r * 0.3), (x, y - r)], fill=(60, 40, 20), width=max(1, int(r / 8)))
-    d.polygon([(x + r * 0.05, y - r * 0.9), (x + r * 0.7, y + r * 0.2), (x + r * 0.05, y + r * 0.2)], fill=(245, 245, 240))
+    d.polygon(
+        [(x + r * 0.05, y - r * 0.9), (x + r * 0.7, y + r * 0.2), (x + r * 0.05, y + r * 0.2)],
+        fill=(245, 245, 240),
+    )
 
 
 def _kite(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
-    d.polygon([(x, y - r), (x + r * 0.6, y - r * 0.2), (x, y + r * 0.7), (x - r * 0.6, y - r * 0.2)], fill=c, outline=_outline(c))
-    d.line([(x, y + r * 0.7), (x - r * 0.3, y + r), (x + r * 0.1, y + r * 1.2)], fill=(60, 60, 60), width=max(1, int(r / 10)))
+    d.polygon(
+        [(x, y - r), (x + r * 0.6, y - r * 0.2), (x, y + r * 0.7), (x - r * 0.6, y - r * 0.2)],
+        fill=c,
+        outline=_outline(c),
+    )
+    d.line(
+        [(x, y + r * 0.7), (x - r * 0.3, y + r), (x + r * 0.1, y + r * 1.2)],
+        fill=(60, 60, 60),
+        width=max(1, int(r / 10)),
+    )
 
 
 def _umbrella(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
@@ -144,7 +180,16 @@ def _umbrella(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) ->
 
 def _cup(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
     d.ellipse([x + r * 0.3, y - r * 0.35, x + r * 0.95, y + r * 0.35], outline=c, width=max(2, int(r / 5)))
-    d.polygon([(x - r * 0.65, y - r * 0.6), (x + r * 0.55, y - r * 0.6), (x + r * 0.4, y + r * 0.7), (x - r * 0.5, y + r * 0.7)], fill=c, outline=_outline(c))
+    d.polygon(
+        [
+            (x - r * 0.65, y - r * 0.6),
+            (x + r * 0.55, y - r * 0.6),
+            (x + r * 0.4, y + r * 0.7),
+            (x - r * 0.5, y + r * 0.7),
+        ],
+        fill=c,
+        outline=_outline(c),
+    )
 
 
 def _bottle(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
@@ -196,7 +241,11 @@ def _chair(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> No
 
 
 def _lamp(d: Draw, x: float, y: float, r: float, c: tuple[int, int, int]) -> None:
-    d.polygon([(x - r * 0.3, y - r), (x + r * 0.3, y - r), (x + r * 0.6, y - r * 0.3), (x - r * 0.6, y - r * 0.3)], fill=c, outline=_outline(c))
+    d.polygon(
+        [(x - r * 0.3, y - r), (x + r * 0.3, y - r), (x + r * 0.6, y - r * 0.3), (x - r * 0.6, y - r * 0.3)],
+        fill=c,
+        outline=_outline(c),
+    )
     d.line([(x, y - r * 0.3), (x, y + r * 0.8)], fill=(60, 60, 60), width=max(1, int(r / 8)))
     d.ellipse([x - r * 0.45, y + r * 0.7, x + r * 0.45, y + r], fill=(60, 60, 60))
 
@@ -229,7 +278,11 @@ def _background(img: Image.Image, name: str, rng: random.Random, style: Style) -
     elif name == "grass":
         for _ in range(40):
             gx, gy = rng.uniform(0, w), rng.uniform(0, h)
-            d.line([(gx, gy), (gx + rng.uniform(-2, 2) * w / 128, gy - w / 40)], fill=(70, 140, 50), width=max(1, w // 128))
+            d.line(
+                [(gx, gy), (gx + rng.uniform(-2, 2) * w / 128, gy - w / 40)],
+                fill=(70, 140, 50),
+                width=max(1, w // 128),
+            )
     elif name == "carpet":
         for x0 in range(0, w, step):
             d.line([(x0, 0), (x0, h)], fill=_darker(base, 0.85), width=max(1, w // 128))
@@ -241,7 +294,11 @@ def _background(img: Image.Image, name: str, rng: random.Random, style: Style) -
         arr = np.asarray(img, dtype=np.float32)
         gen = np.random.default_rng(rng.getrandbits(32))
         coarse = gen.normal(0, 1, (8, 8, 1))
-        field = np.asarray(Image.fromarray(coarse[..., 0].astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+        field = np.asarray(
+            Image.fromarray(coarse[..., 0].astype(np.float32), mode="F").resize(
+                (w, h), Image.Resampling.BILINEAR
+            )
+        )
         arr += style.texture * 22 * field[..., None]
         img.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
 
@@ -264,14 +321,16 @@ def draw_scene(
         r = SIZE_SCALE[obj.size] * big * (0.75 if obj.count > 1 else 1.0)
         colour = RGB[obj.colour]
         if style.colour_jitter:
-            colour = tuple(int(min(255, max(0, ch * (1 + rng.uniform(-1, 1) * style.colour_jitter)))) for ch in colour)  # type: ignore[assignment]
+            colour = tuple(
+                int(min(255, max(0, ch * (1 + rng.uniform(-1, 1) * style.colour_jitter)))) for ch in colour
+            )  # type: ignore[assignment]
         gap = r * 1.5
         for i in range(obj.count):
             ox = (i - (obj.count - 1) / 2) * gap
             oy = (i % 2) * r * 0.25 if obj.count > 1 else 0.0
             SHAPES[obj.kind](d, x + ox, y + oy, r, colour)
-    out = img.resize((size, size), Image.LANCZOS)
-    arr = np.asarray(out, dtype=np.float32)
+    out = img.resize((size, size), Image.Resampling.LANCZOS)
+    arr = np.asarray(out, dtype=np.float64)
     if style.noise:
         arr = arr + np.random.default_rng(rng.getrandbits(32)).normal(0, style.noise, arr.shape)
     return np.clip(np.round(arr), 0, 255).astype(np.uint8)

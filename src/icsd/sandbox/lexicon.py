@@ -65,7 +65,11 @@ NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 COLOURS: tuple[str, ...] = ("red", "blue", "green", "yellow", "orange", "purple", "white", "black")
 SIZES: tuple[str, ...] = ("small", "medium", "large")
-SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "medium": ("medium-sized",), "large": ("large", "big")}
+SIZE_WORDS: dict[str, tuple[str, ...]] = {
+    "small": ("small", "little", "tiny"),
+    "medium": ("medium-sized",),
+    "large": ("large", "big"),
+}
 COUNT_WORDS: dict[str, int] = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3, "a pair of": 2}
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")
@@ -77,7 +81,13 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "middle": ("in the middle", "in the center", "in the centre"),
 }
 # where each position sits on the scene's 3x3 grid (column, row)
-CELLS: dict[str, tuple[int, int]] = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "middle": (1, 1)}
+CELLS: dict[str, tuple[int, int]] = {
+    "left": (0, 1),
+    "right": (2, 1),
+    "top": (1, 0),
+    "bottom": (1, 2),
+    "middle": (1, 1),
+}
 RELATIONS: tuple[str, ...] = ("next to", "above", "below", "left of", "right of", "on")
 RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "next to": ("next to", "beside", "near"),
@@ -89,7 +99,13 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
 }
 # kinds that something else can stand on
 SUPPORTS: frozenset[str] = frozenset({"box", "chair", "car", "house", "boat"})
-INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of", "next to": "next to"}
+INVERSE = {
+    "above": "below",
+    "below": "above",
+    "left of": "right of",
+    "right of": "left of",
+    "next to": "next to",
+}
 
 
 def relation_holds(rel: str, a: tuple[int, int], b: tuple[int, int], b_kind: str) -> bool:
@@ -323,7 +339,8 @@ def describe(desc: Description, max_words: int = 50) -> str:
         if m.position:
             phrase += " " + POSITION_PHRASES[m.position][0]
         parts.append(phrase)
-    def the(kind: str) -> str:
+
+    def the(kind: str) -> tuple[str, str]:
         m = desc.objects.get(kind)
         plural = m is not None and (m.count or 1) > 1
         return ("the " + NOUNS[kind][0][1 if plural else 0], "are" if plural else "is")

@@ -72,7 +72,9 @@ def write_world(spec: WorldSpec, out: Path) -> Path:
         train = []
         for _ in range(spec.train_scenes):
             scene = random_scene(rng)
-            train.append({"scene": scene.to_json(), "captions": scene_captions(scene, rng, spec.captions_per_scene)})
+            train.append(
+                {"scene": scene.to_json(), "captions": scene_captions(scene, rng, spec.captions_per_scene)}
+            )
         corpus = [c for t in train for c in t["captions"]]
         random.Random(spec.seed + 1).shuffle(corpus)
         (tmp / "train.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
@@ -86,14 +88,21 @@ def write_world(spec: WorldSpec, out: Path) -> Path:
                 image_id = offset + k
                 name = f"{split}_{k:05d}.png"
                 pixels = draw_scene(
-                    scene.background, list(scene.objects), size=spec.image_size, seed=split_rng.getrandbits(32), style=spec.style
+                    scene.background,
+                    list(scene.objects),
+                    size=spec.image_size,
+                    seed=split_rng.getrandbits(32),
+                    style=spec.style,
                 )
                 Image.fromarray(pixels).save(tmp / split / name)
                 entries.append((image_id, name, scene_captions(scene, split_rng, spec.captions_per_scene)))
                 scenes.append({"image_id": image_id, "scene": scene.to_json()})
             (tmp / f"{split}.json").write_text(json.dumps(_coco(split, entries)), encoding="utf-8")
             (tmp / f"{split}_scenes.json").write_text(json.dumps({"scenes": scenes}), encoding="utf-8")
-        (tmp / "world.json").write_text(json.dumps({"version": VERSION, "digest": spec.digest(), **asdict(spec)}, indent=1), encoding="utf-8")
+        (tmp / "world.json").write_text(
+            json.dumps({"version": VERSION, "digest": spec.digest(), **asdict(spec)}, indent=1),
+            encoding="utf-8",
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -141,10 +150,12 @@ def resolve_path(value: str) -> str:
     folder = ensure_world(name)
     path = folder / relative if relative else folder
     if not path.exists():
-        raise UserError(f"{value}: the sandbox world has no {relative!r} (files: {', '.join(sorted(p.name for p in folder.iterdir()))})")
+        raise UserError(
+            f"{value}: the sandbox world has no {relative!r} (files: {', '.join(sorted(p.name for p in folder.iterdir()))})"
+        )
     return str(path)
 
 
 def custom_spec(name: str, **changes: object) -> WorldSpec:
     """Preset ``name`` with ``changes`` (None values ignored)."""
-    return replace(world_spec(name), **{k: v for k, v in changes.items() if v is not None})
+    return replace(world_spec(name), **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]

@@ -94,7 +94,9 @@ class SceneRenderer:
         images = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             scene = self.scene_for(prompt, int(seed))
-            pixels = draw_scene(scene.background, list(scene.objects), size=width, seed=int(seed), style=self.settings.style)
+            pixels = draw_scene(
+                scene.background, list(scene.objects), size=width, seed=int(seed), style=self.settings.style
+            )
             if height != width:
                 from PIL import Image
 
@@ -142,7 +144,9 @@ class SandboxCamera:
     def prepare(model: str, cache: Path) -> str:
         folder = Path(model).expanduser()
         if not (folder / "train_scenes.json").is_file():
-            raise UserError(f"not a sandbox world folder (no train_scenes.json): {folder} (see `icsd sandbox make`)")
+            raise UserError(
+                f"not a sandbox world folder (no train_scenes.json): {folder} (see `icsd sandbox make`)"
+            )
         return str(folder.resolve())
 
     @staticmethod

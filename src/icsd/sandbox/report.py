@@ -47,10 +47,12 @@ def test_examples_section(run_root: Path, limit: int = EXAMPLES) -> str:
         from ..formats import load_reference_file
 
         _, _, refs = load_reference_file(annotations)
-        predictions = {str(p["image_id"]): p["caption"] for p in json.loads(predictions_file.read_text(encoding="utf-8"))}
+        predictions = {
+            str(p["image_id"]): p["caption"] for p in json.loads(predictions_file.read_text(encoding="utf-8"))
+        }
     except Exception:  # noqa: BLE001 - an optional section must not stop the report
         return ""
-    blocks = []
+    blocks: list[str] = []
     for ref in refs:
         if len(blocks) == limit:
             break
@@ -90,7 +92,9 @@ def sandbox_section(run_root: Path) -> str:
     except ValueError:
         return ""
     mine = data.get("scores", data)
-    rows = [f"<tr><td><b>this run</b></td><td><b>{mine.get('CIDEr', 0):.3f}</b></td><td>{mine.get('Bleu_4', 0):.3f}</td><td></td></tr>"]
+    rows = [
+        f"<tr><td><b>this run</b></td><td><b>{mine.get('CIDEr', 0):.3f}</b></td><td>{mine.get('Bleu_4', 0):.3f}</td><td></td></tr>"
+    ]
     for method, row in ref.get("methods", {}).items():
         rows.append(
             f"<tr><td>{_esc(method)}</td><td>{row['CIDEr_mean']:.3f} ± {row['CIDEr_sd']:.3f}</td>"

@@ -62,10 +62,14 @@ def answer(prompt: str, schema: dict[str, Any] | None, max_words: int = 50) -> s
     limit = int(words.group(1)) if words else max_words
     descriptions = [parse(t) for t in texts]
     index_schema = (schema or {}).get("properties", {}).get("index")
-    selecting = index_schema is not None or (schema is None and any(w in prompt.lower() for w in ("choose", "select")))
+    selecting = index_schema is not None or (
+        schema is None and any(w in prompt.lower() for w in ("choose", "select"))
+    )
     if not selecting:
         merged = merge(descriptions)
-        return json.dumps({"summary": describe(merged, limit) if merged.objects else " ".join(texts[:1]) or "a scene"})
+        return json.dumps(
+            {"summary": describe(merged, limit) if merged.objects else " ".join(texts[:1]) or "a scene"}
+        )
     hi = int((index_schema or {}).get("maxItems", 10))
     kept = select(descriptions, hi)
     merged = merge([descriptions[i] for i in kept])
@@ -93,4 +97,7 @@ class SandboxSelector(ChatBackend):
         for key, request in items:
             prompt = "\n".join(m.get("content", "") for m in request.messages if m.get("role") == "user")
             text = answer(prompt, request.schema)
-            yield key, ChatAnswer(text=text, prompt_tokens=len(prompt.split()), completion_tokens=len(text.split()))
+            yield (
+                key,
+                ChatAnswer(text=text, prompt_tokens=len(prompt.split()), completion_tokens=len(text.split())),
+            )

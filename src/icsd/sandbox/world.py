@@ -14,6 +14,7 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .draw import Placed
 from .lexicon import (
@@ -49,7 +50,8 @@ class Scene:
 
     @staticmethod
     def from_json(data: dict[str, object]) -> Scene:
-        return Scene(str(data["background"]), tuple(Placed(**o) for o in data["objects"]))  # type: ignore[union-attr,arg-type]
+        objects: Any = data["objects"]
+        return Scene(str(data["background"]), tuple(Placed(**o) for o in objects))
 
 
 OBJECTS_PER_SCENE = (1, 2, 3, 4, 5)
@@ -132,13 +134,17 @@ def _pick(scene: Scene, rng: random.Random, n: int) -> list[Placed] | None:
     return rng.sample(scene.objects, n) if len(scene.objects) >= n else None
 
 
+def _one(scene: Scene, rng: random.Random) -> Placed | None:
+    return rng.choice(scene.objects) if scene.objects else None
+
+
 def p_object_on_background(s: Scene, r: random.Random) -> str | None:
-    (o,) = _pick(s, r, 1) or [None]
+    o = _one(s, r)
     return f"{_np(_mention(o, r), r)} {_bg(s, r)}" if o else None
 
 
 def p_there_is_at(s: Scene, r: random.Random) -> str | None:
-    (o,) = _pick(s, r, 1) or [None]
+    o = _one(s, r)
     if o is None:
         return None
     m = _mention(o, r, position=True)
@@ -162,7 +168,7 @@ def p_three_objects(s: Scene, r: random.Random) -> str | None:
 
 
 def p_picture_of(s: Scene, r: random.Random) -> str | None:
-    (o,) = _pick(s, r, 1) or [None]
+    o = _one(s, r)
     if o is None:
         return None
     lead = r.choice(("a picture of", "a photo of", "an image of", "a photo showing"))
@@ -205,12 +211,12 @@ def p_there_is_relation(s: Scene, r: random.Random) -> str | None:
 
 
 def p_close_up(s: Scene, r: random.Random) -> str | None:
-    (o,) = _pick(s, r, 1) or [None]
+    o = _one(s, r)
     return f"a close up of {_np(_mention(o, r), r)}" if o else None
 
 
 def p_sitting(s: Scene, r: random.Random) -> str | None:
-    (o,) = _pick(s, r, 1) or [None]
+    o = _one(s, r)
     if o is None:
         return None
     verb = r.choice(("sitting", "lying", "standing", "resting"))
@@ -234,7 +240,7 @@ def p_two_positions(s: Scene, r: random.Random) -> str | None:
 
 
 def p_position_first(s: Scene, r: random.Random) -> str | None:
-    (o,) = _pick(s, r, 1) or [None]
+    o = _one(s, r)
     if o is None:
         return None
     m = _mention(o, r, position=True)
