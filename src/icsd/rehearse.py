@@ -52,7 +52,7 @@ class Options:
     steps: int = 2  # denoising steps per image
     train_steps: int = 2  # optimizer steps
     batch: int = 4  # training pairs per step
-    eval_images: int = 4  # images captioned by validation and by evaluate
+    eval_images: int = 2  # images captioned by validation and by evaluate
     scale: str = "paper"  # paper | tiny (same classes and code path, small widths: tests)
     corpus_size: int | None = None  # captions of the full corpus, when it is not readable here
 
@@ -215,9 +215,8 @@ class MemoryMeter:
                 self.sampled = max(self.sampled, self.total())
 
     def __enter__(self) -> MemoryMeter:
-        import gc
-
-        gc.collect()
+        trim_heap()
+        self.cpu_start = cpu_seconds()
         self.baseline = rss_bytes()
         self.exact = reset_peak_rss()
         self.cuda = cuda_available()
@@ -231,12 +230,19 @@ class MemoryMeter:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+        self.cpu = cpu_seconds() - self.cpu_start
         hwm = peak_rss_self() if self.exact else None
         self.peak = max(self.sampled, hwm or 0)
         if self.cuda:
             import torch
 
             self.cuda_peak = int(torch.cuda.max_memory_allocated())
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children so far."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def cuda_available() -> bool:
@@ -549,6 +555,7 @@ class StageRecord:
     probes: dict[str, Probe]
     summary: str
     counts: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
 
 
 def run_stages(
@@ -569,6 +576,7 @@ def run_stages(
                 stage, seconds, mem.peak, mem.baseline, mem.cuda_peak, probes.probes,
                 stage_result.summary() if stage_result is not None else "",
                 dict(stage_result.counts) if stage_result is not None else {},
+                mem.cpu,
             )
         )  # fmt: skip
         echo(f"rehearsal: {stage} {seconds:.1f}s, peak memory {gib(mem.peak)}")
@@ -633,6 +641,8 @@ def per(seconds: float, units: float) -> float | None:
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"
+    if s >= 10 * 86400:
+        return f"{s / 86400:,.0f} d"
     if s >= 86400:
         return f"{s / 86400:.1f} d"
     if s >= 3600:
@@ -653,6 +663,7 @@ class Row:
     unit: str
     units: int
     seconds: float
+    cpu_seconds: float
     seconds_per_unit: float | None
     peak_rss: int
     peak_rss_configured: int | None
@@ -667,6 +678,7 @@ class Row:
         full = f"{self.full_units:,}" if self.full_units is not None else "-"
         conf = gib(self.peak_rss_configured) if self.peak_rss_configured else "-"
         return [self.stage, self.architecture, params, f"{self.units} {self.unit}", fmt_seconds(self.seconds),
+                fmt_seconds(self.cpu_seconds),
                 f"{spu}/{self.unit}", gib(self.peak_rss), conf, full, fmt_seconds(self.projected_seconds)]  # fmt: skip
 
 
@@ -789,6 +801,7 @@ def rehearse(
     from .testing.chat_server import ChatServer, echo_responder
 
     started = time.perf_counter()
+    cpu_start = cpu_seconds()
     opts, rest = Options.split(overrides)
     cfg = pipeline.load_config(config_file, rest, None)
     run_path = Path(run_dir) if run_dir is not None else pipeline.default_run_dir(cfg).with_name(
@@ -832,6 +845,7 @@ def rehearse(
         "scale": opts.scale,
         "options": asdict(opts),
         "wall_seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(cpu_seconds() - cpu_start, 1),
         "build_seconds": round(build_seconds, 1),
         "build_peak_rss": build_mem.peak,
         "peak_rss": max([build_mem.peak] + [r.peak_rss for r in records]),
@@ -970,7 +984,7 @@ def table_rows(
     for rec in records:
         s = rec.stage
         p = rec.probes
-        base: dict[str, Any] = dict(stage=s, seconds=round(rec.seconds, 2), peak_rss=rec.peak_rss, cuda_peak=rec.cuda_peak,
+        base: dict[str, Any] = dict(stage=s, seconds=round(rec.seconds, 2), cpu_seconds=round(rec.cpu_seconds, 1), peak_rss=rec.peak_rss, cuda_peak=rec.cuda_peak,
                     peak_rss_configured=None, parameters=None, architecture="-")  # fmt: skip
         if s == "ingest":
             row = Row(**base, settings={"format": r.ingest.format, "splits": cfg.ingest.splits}, unit="caption",
@@ -1128,7 +1142,7 @@ def image_size(run_dir: Path) -> Any:
 
 
 def render_table(doc: dict[str, Any], rows: list[Row]) -> str:
-    head = ["stage", "architecture", "params", "rehearsed", "seconds", "per unit", "peak memory",
+    head = ["stage", "architecture", "params", "rehearsed", "seconds", "CPU time", "per unit", "peak memory",
             "at configured batch", "full run units", "projected"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
@@ -1136,7 +1150,8 @@ def render_table(doc: dict[str, Any], rows: list[Row]) -> str:
     where = hw.get("gpu") or f"{hw['cores']} CPU cores"
     out = [
         f"Rehearsal of {doc['config']} ({doc['scale']} architectures, random weights) on {where}, "
-        f"load average {hw['load_average'][0]}: {fmt_seconds(doc['wall_seconds'])}, "
+        f"load average {hw['load_average'][0]}: {fmt_seconds(doc['wall_seconds'])} "
+        f"(CPU time {fmt_seconds(doc['cpu_seconds'])}, models built in {fmt_seconds(doc['build_seconds'])}), "
         f"peak memory {gib(doc['peak_rss'])}",
         "",
         *lines,
