@@ -243,3 +243,20 @@ def test_sandbox_experiment_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         oracle.render.backend == "sandbox-camera"
         and (Path(oracle.render.model) / "train_scenes.json").is_file()
     )
+
+
+def test_report_shows_test_images_with_caption_and_references(tmp_path: Path) -> None:
+    from icsd.sandbox.report import test_examples_section
+
+    world = write_world(WORLDS["small"], tmp_path / "w")
+    test = json.loads((world / "test.json").read_text())
+    run = tmp_path / "run"
+    (run / "eval" / "sandbox-test").mkdir(parents=True)
+    preds = [{"image_id": im["id"], "caption": f"a <b>caption</b> {im['id']}"} for im in test["images"]]
+    (run / "eval" / "sandbox-test" / "predictions.json").write_text(json.dumps(preds))
+    config = {"annotations": str(world / "test.json"), "images": str(world / "test"), "benchmark": "sandbox-test"}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
+    html = test_examples_section(run, limit=3)
+    assert html.count("data:image/png;base64,") == 3 and "&lt;b&gt;caption" in html
+    first = test["annotations"][0]["caption"]
+    assert first.replace("'", "&#x27;") in html
