@@ -92,11 +92,15 @@ class EpochPlan:
     crop_scale_min: float
     features: bool
 
-    def units(self) -> list[tuple[int, int]]:
-        """(image index, caption index) per pair, or (image index, -1) per image when grouped."""
+    def units(self) -> np.ndarray:
+        """``[n, 2]`` int32: (image index, caption index) per pair, or (image index, -1) per image
+        when grouped (arrays, not Python tuples: millions of pairs stay small in every worker)."""
+        counts = np.array([len(self.captions[key]) for key in self.keys], dtype=np.int64)
         if self.grouped:
-            return [(i, -1) for i in range(len(self.keys))]
-        return [(i, j) for i, key in enumerate(self.keys) for j in range(len(self.captions[key]))]
+            return np.stack([np.arange(len(self.keys)), np.full(len(self.keys), -1)], axis=1).astype(np.int32)
+        images = np.repeat(np.arange(len(self.keys)), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        return np.stack([images, np.arange(len(images)) - starts], axis=1).astype(np.int32)
 
 
 class OfficialPairs(IterableDataset):
@@ -154,7 +158,7 @@ class OfficialPairs(IterableDataset):
         keys: list[str] = []
         image_index: list[int] = []
         for position in positions.tolist():
-            image, caption = self.units[int(order[position])]
+            image, caption = (int(v) for v in self.units[int(order[position])])
             key = plan.keys[image]
             texts = plan.captions[key] if caption < 0 else [plan.captions[key][caption]]
             values.append(self.decode(key, position))
