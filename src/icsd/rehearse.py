@@ -70,7 +70,7 @@ class Options:
                 continue
             name = key[len(REHEARSE_PREFIX) :]
             if name not in names:
-                raise UserError(f"unknown option --{key}{closest(name, list(names))}")
+                raise UserError(f"unknown option --{key}{closest(key, [REHEARSE_PREFIX + n for n in names])}")
             if name == "scale":
                 if value not in ("paper", "tiny"):
                     raise UserError(f"--rehearse.scale must be paper or tiny, not {value!r}")
