@@ -695,6 +695,7 @@ SPEC = StageSpec(
         "icsd train --run runs/coco --val-images coco/val2014 --val-captions dataset_coco.json",
         "icsd train --run runs/demo --preset tiny --max-steps 200 --device cpu",
         "icsd train --run runs/coco --preset prefix --text-model gpt2 --batch-size 128",
+        "icsd train --run runs/coco --data-order official --group-captions --bf16   # vision encoder once per image",
         "One process per GPU (the same command resumes after a stop; --restart starts over). Under "
         "torchrun/accelerate write -r RUN and -c FILE: their parsers take --run/--config as their own. "
         "The run's own RUN/config.yaml (written by `icsd run CONFIG`) is read first, so -c is only "
