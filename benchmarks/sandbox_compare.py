@@ -7,7 +7,7 @@ selection, summary pairs and the oracle) over several seeds, plus the best-fixed
 
 Each (method, seed) is one ordinary `icsd run configs/sandbox_<method>.yaml` with `--train.seed`,
 `--summarize.seed` and `--render.seed` set to the seed (the world itself stays the same). The
-fixed-caption bound is the corpus caption (among the 300 most frequent) with the best validation
+fixed-caption bound is the corpus caption (among the 40 most frequent) with the best validation
 CIDEr, scored on the test split with `icsd evaluate --predictions`. It prints each seed's test
 scores, mean and spread per method, and `icsd compare` over all runs, and writes OUT/summary.json
 and OUT/summary.md.
@@ -126,7 +126,7 @@ def fixed_caption_bound(out: Path) -> tuple[str, dict[str, float]]:
     from icsd.metrics import score_captions
 
     corpus = world_file("train.txt").read_text(encoding="utf-8").splitlines()
-    frequent = [c for c, _ in collections.Counter(corpus).most_common(300)]
+    frequent = [c for c, _ in collections.Counter(corpus).most_common(40)]
     val = {im.image_id: im.captions for im in load_coco_captions(world_file("val.json"))}
     best, best_cider = frequent[0], -1.0
     for caption in frequent:
@@ -175,6 +175,10 @@ def main() -> None:
     ap.add_argument(
         "--publish", action="store_true", help=f"also write the means to src/icsd/sandbox/{REFERENCE}"
     )
+    ap.add_argument(
+        "--collect", type=Path, nargs="+", metavar="DIR",
+        help="run nothing: gather the finished <method>-s<seed> runs (and fixed_caption) found in these folders",
+    )  # fmt: skip
     args = ap.parse_args()
     methods = list(METHODS) if args.all else args.methods
     args.out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +186,13 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
     runs: list[Path] = []
-    for seed in args.seeds:
+    for folder in args.collect or []:
+        for run in sorted(folder.glob("*-s[0-9]*")):
+            method, _, seed = run.name.rpartition("-s")
+            if method in METHODS and (run / "eval" / BENCH / "scores.json").exists():
+                results.setdefault(method, {})[int(seed)] = test_scores(run)
+                runs.append(run)
+    for seed in [] if args.collect else args.seeds:
         for method in methods:
             run = args.out / f"{method}-s{seed}"
             if method != "uni_context":
@@ -197,8 +207,18 @@ def main() -> None:
                 f"{run.name}: test CIDEr {results[method][seed]['CIDEr']:.3f} ({seconds[run.name]:.0f}s)",
                 flush=True,
             )
-    caption, fixed = fixed_caption_bound(args.out)
-    runs.append(args.out / "fixed_caption")
+    found = [
+        f / "fixed_caption" for f in args.collect or [] if (f / "fixed_caption" / "predictions.json").exists()
+    ]
+    if found:
+        fixed_run = found[0]
+        caption = json.loads((fixed_run / "predictions.json").read_text())[0]["caption"]
+        fixed = test_scores(fixed_run)
+    else:
+        caption, fixed = fixed_caption_bound(args.out)
+        fixed_run = args.out / "fixed_caption"
+    runs.append(fixed_run)
+    seeds = sorted({s for by_seed in results.values() for s in by_seed})
     total = time.perf_counter() - t0
 
     metrics = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
@@ -206,7 +226,7 @@ def main() -> None:
         "| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |",
         "|---" * (len(metrics) + 2) + "|",
     ]
-    summary: dict[str, object] = {"seeds": args.seeds, "seconds": seconds, "total_seconds": round(total, 1)}
+    summary: dict[str, object] = {"seeds": seeds, "seconds": seconds, "total_seconds": round(total, 1)}
     for method, by_seed in results.items():
         cells = []
         for m in metrics:
@@ -232,7 +252,7 @@ def main() -> None:
         summary["icsd_over_uni_relative"] = round(icsd_mean / uni_mean - 1, 4) if uni_mean else None
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if args.publish:
-        publish(results, caption, fixed, args.seeds)
+        publish(results, caption, fixed, seeds)
     (args.out / "summary.md").write_text(table + "\n")
     print(table)
     for run in runs:
