@@ -254,9 +254,34 @@ def test_report_shows_test_images_with_caption_and_references(tmp_path: Path) ->
     (run / "eval" / "sandbox-test").mkdir(parents=True)
     preds = [{"image_id": im["id"], "caption": f"a <b>caption</b> {im['id']}"} for im in test["images"]]
     (run / "eval" / "sandbox-test" / "predictions.json").write_text(json.dumps(preds))
-    config = {"annotations": str(world / "test.json"), "images": str(world / "test"), "benchmark": "sandbox-test"}
+    config = {
+        "annotations": str(world / "test.json"),
+        "images": str(world / "test"),
+        "benchmark": "sandbox-test",
+    }
     (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
     html = test_examples_section(run, limit=3)
     assert html.count("data:image/png;base64,") == 3 and "&lt;b&gt;caption" in html
     first = test["annotations"][0]["caption"]
     assert first.replace("'", "&#x27;") in html
+
+
+def test_report_puts_the_run_beside_the_documented_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from icsd.sandbox import report
+
+    run = tmp_path / "run"
+    (run / "eval" / "sandbox-test").mkdir(parents=True)
+    (run / "eval" / "sandbox-test" / "scores.json").write_text(
+        json.dumps({"scores": {"CIDEr": 0.5, "Bleu_4": 0.2}})
+    )
+    config = {"annotations": "/x/sandbox/default/test.json", "images": "/x", "benchmark": "sandbox-test"}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
+    figures = {
+        "note": "n",
+        "methods": {"uni_context": {"CIDEr_mean": 0.4, "CIDEr_sd": 0.01, "Bleu_4_mean": 0.1}},
+    }
+    monkeypatch.setattr(report, "reference_scores", lambda: figures)
+    html = report.sandbox_section(run)
+    assert "this run" in html and "0.500" in html and "uni_context" in html and "0.400 ± 0.010" in html
