@@ -93,7 +93,8 @@ def test_rehearsal_of_the_paper_config_at_tiny_widths(
         assert rows[stage]["peak_rss"] > 0
     assert rows["train"]["peak_rss_configured"] > rows["train"]["peak_rss"]
     assert any("2 denoising steps" in line for line in doc["reduced"])
-    assert "icsd.cost" in doc["gpu_cost_model"]["status"] or "status" not in doc["gpu_cost_model"]
+    cost = doc["gpu_cost_model"]  # the checkout's benchmarks/cost_model.py at this config's sizes
+    assert cost["status"] and ("gpu_hours" not in cost or cost["gpu_hours"] > 0)
     # the stages loaded the built folders through their ordinary settings
     used = json.loads((run / "manifest.json").read_text())["stages"]
     assert used["render"]["config"]["model"].endswith("CompVis--stable-diffusion-v1-4.render.tiny")

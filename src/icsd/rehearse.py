@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -763,20 +764,53 @@ def train_samples_per_s(run_dir: Path) -> float | None:
 
 
 def gpu_cost_model(rows: list[Row], cfg: PipelineConfig) -> dict[str, Any]:
-    """The GPU figures of the project's cost model, where one is installed: ``icsd.cost`` with a
-    ``project(rehearsal_rows, config) -> dict`` function. This is the hook; without that module
-    the report says so and gives this machine's projection only."""
+    """GPU figures for this config's sizes: ``icsd.cost.project(rows, config)`` where such a module
+    is installed (the hook), else the project's cost model ``benchmarks/cost_model.py`` (docs/cost.md)
+    of a source checkout, fed this rehearsal's full-run counts; else a line saying neither is here."""
     try:
         from . import cost  # type: ignore[attr-defined]
     except ImportError:
-        return {
-            "status": "no cost model installed (module icsd.cost absent): CPU/this-device projection only"
-        }
+        return checkout_cost_model(rows, cfg)
     project = getattr(cost, "project", None)
     if project is None:
         return {"status": "icsd.cost has no project(rows, config) function"}
     try:
         return dict(project([asdict(r) for r in rows], cfg))
+    except Exception as exc:  # noqa: BLE001 - the plan must not fail on the cost model
+        return {"status": f"cost model failed: {type(exc).__name__}: {exc}"}
+
+
+def checkout_cost_model(rows: list[Row], cfg: PipelineConfig) -> dict[str, Any]:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cost_model.py"
+    inputs_file = script.with_name("cost_inputs.json")
+    if not (script.is_file() and inputs_file.is_file()):
+        return {
+            "status": "no GPU cost model here (neither icsd.cost nor benchmarks/cost_model.py): this device's projection only"
+        }
+    try:
+        spec = importlib.util.spec_from_file_location("icsd_cost_model", script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        inputs = json.loads(inputs_file.read_text())
+        units = {r.stage: r.full_units for r in rows if r.full_units}
+        sizes = {"captions": units.get("embed") or units.get("ingest"), "prompts": units.get("summarize"),
+                 "images": units.get("render"), "pairs": units.get("pairs"), "epochs": cfg.train.epochs,
+                 "val_images": cfg.train.val_max_images}  # fmt: skip
+        for key, value in sizes.items():
+            if value and key in inputs.get("recipe", {}):
+                inputs["recipe"][key] = {**inputs["recipe"][key], "value": value, "source": "this rehearsal"}
+        lines = module.lines(inputs)
+        _, total = module.totals(lines, grouped=False)
+        return {
+            "status": f"GPU-hours from benchmarks/cost_model.py (docs/cost.md) at this config's sizes: {total:,.1f} GPU-h "
+                      "(icsd, ungrouped training, LLM included; its rates say which are measured and which estimated)",
+            "gpu_hours": round(total, 2),
+            "stages": [{"stage": x.stage, "gpu_hours": round(x.icsd_h, 3), "basis": x.icsd_basis} for x in lines],
+        }  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the plan must not fail on the cost model
         return {"status": f"cost model failed: {type(exc).__name__}: {exc}"}
 
