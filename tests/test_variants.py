@@ -44,13 +44,16 @@ def base(coco_slice: Path, server: ChatServer, **extra: Any) -> dict[str, Any]:
     }
 
 
+SMOKE = "pkg:configs/smoke.yaml"  # the real-model chain: COCO captions, an LLM, tiny random diffusion
+
+
 def samples(root: Path) -> list[Any]:
     return [s for shard in done_shards(root / "images")[0] for s in iter_shard_samples(shard, with_images=False)]
 
 
 def test_uni_context_baseline(tmp_path: Path, coco_slice: Path, server: ChatServer) -> None:
     cfg = pipeline.load_config(
-        None, base(coco_slice, server, **{"render.prompts": "captions", "render.limit": 5, "pairs.kinds": "uni"})
+        SMOKE, base(coco_slice, server, **{"render.prompts": "captions", "render.limit": 5, "pairs.kinds": "uni"})
     )
     res = pipeline.run(cfg, tmp_path / "uni", stop="pairs", echo=lambda _: None)
     assert res.ran == ["ingest", "render", "pairs"]
@@ -64,7 +67,7 @@ def test_uni_context_baseline(tmp_path: Path, coco_slice: Path, server: ChatServ
 
 
 def test_no_selection_first_n(tmp_path: Path, coco_slice: Path, server: ChatServer) -> None:
-    cfg = pipeline.load_config(None, base(coco_slice, server, **{"summarize.mode": "first-n", "summarize.n": 5}))
+    cfg = pipeline.load_config(SMOKE, base(coco_slice, server, **{"summarize.mode": "first-n", "summarize.n": 5}))
     res = pipeline.run(cfg, tmp_path / "firstn", stop="pairs", echo=lambda _: None)
     cands = {r["group_id"]: r["member_ids"] for r in pq.read_table(res.run.candidates).to_pylist()}
     sels = [r for r in pq.read_table(res.run.selections).to_pylist() if r["status"] == "ok"]
@@ -77,10 +80,10 @@ def test_no_selection_first_n(tmp_path: Path, coco_slice: Path, server: ChatServ
 
 def test_selected_and_summary_pairs_and_compare(tmp_path: Path, coco_slice: Path, server: ChatServer) -> None:
     sel = pipeline.run(
-        pipeline.load_config(None, base(coco_slice, server)), tmp_path / "sel", stop="pairs", echo=lambda _: None
+        pipeline.load_config(SMOKE, base(coco_slice, server)), tmp_path / "sel", stop="pairs", echo=lambda _: None
     )
     both = pipeline.run(
-        pipeline.load_config(None, base(coco_slice, server, **{"pairs.kinds": "selected,summary"})),
+        pipeline.load_config(SMOKE, base(coco_slice, server, **{"pairs.kinds": "selected,summary"})),
         tmp_path / "both",
         stop="pairs",
         echo=lambda _: None,
