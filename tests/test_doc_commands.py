@@ -63,6 +63,9 @@ def test_documented_command_line_parses(line: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(caption, "caption_files", stop)
     monkeypatch.setattr(compare, "compare_rows", stop)
     monkeypatch.setattr(pipeline, "run", stop)
+    from icsd import rehearse
+
+    monkeypatch.setattr(rehearse, "rehearse", stop)
     monkeypatch.chdir(ROOT)
     try:
         args = shlex.split(line)[1:]
