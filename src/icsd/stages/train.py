@@ -446,16 +446,22 @@ class Trainer:
         barrier(ranks)
         return self.result(data, valset, total, start, best, timer)
 
-    def stream_plan(self, data: TrainData, cm: CaptionModel, streams: int, stream_batch: int) -> StreamPlan:
-        """Where the batches come from: image shards, or feature shards for a family that trains on them."""
-        cfg = self.cfg
+    def sources(self, data: TrainData, cm: CaptionModel) -> tuple[bool, bool, list[str]]:
+        """(augment, train on precomputed features, the shard urls): feature shards for a family that
+        trains on frozen features without augmentation, else the image shards."""
         augment = bool(self.settings["augment"])
-        use_features = cm.family.trains_on_features and cfg.precompute_features and not augment
+        use_features = bool(cm.family.trains_on_features and self.cfg.precompute_features and not augment)
         urls = (
             precompute_features(self.run, data, cm, self.spec, self.ranks)
             if use_features
             else [str(self.run.images / s) for s in data.shards]
         )
+        return augment, use_features, urls
+
+    def stream_plan(self, data: TrainData, cm: CaptionModel, streams: int, stream_batch: int) -> StreamPlan:
+        """Where the batches come from: image shards, or feature shards for a family that trains on them."""
+        cfg = self.cfg
+        augment, use_features, urls = self.sources(data, cm)
         return StreamPlan(
             urls=tuple(urls),
             captions=data.captions,
@@ -473,13 +479,7 @@ class Trainer:
     def epoch_plan(self, data: TrainData, cm: CaptionModel) -> EpochPlan:
         """The official order's plan: image shards (or feature shards) indexed for random reads."""
         cfg = self.cfg
-        augment = bool(self.settings["augment"])
-        use_features = cm.family.trains_on_features and cfg.precompute_features and not augment
-        urls = (
-            precompute_features(self.run, data, cm, self.spec, self.ranks)
-            if use_features
-            else [str(self.run.images / s) for s in data.shards]
-        )
+        augment, use_features, urls = self.sources(data, cm)
         members = index_shards(urls, set(data.captions), use_features)
         keys = tuple(k for k in sorted(data.captions) if k in members)
         if len(keys) < len(data.captions):
