@@ -54,3 +54,11 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
 def test_help_has_examples() -> None:
     r = icsd("ingest", "--help")
     assert r.returncode == 0 and "Examples" in r.stdout and "--format" in r.stdout
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """Declaring every stage (options, help, examples) imports no torch: ``icsd --help``, ``config
+    show`` and a mistyped flag answer in about a second; the training loop is imported when it runs."""
+    code = "import sys, icsd.cli, icsd.stages as s; [s.stage_spec(n) for n in s.stage_names()]; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

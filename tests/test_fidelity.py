@@ -13,7 +13,7 @@ from PIL import Image
 
 from icsd import fidelity
 from icsd.backends.captioners import official_caption, squash_processor
-from icsd.stages.train import epoch_cosine
+from icsd.training.trainer import epoch_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
