@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+ENV.pop("ICSD_SHARED_DATA", None)  # the train benchmark reads the photos under tests/data, as CI does
 
 
 @pytest.fixture()
@@ -80,3 +81,15 @@ def test_gpu_all_runs_with_tiny_shapes_on_cpu(tmp_path: Path) -> None:
     assert {k: v["rc"] for k, v in result["steps"].items()} == {"group": 0, "render": 0, "train": 0, "train_grouped": 0}, proc.stdout[-6000:]
     assert result["steps"]["train_grouped"]["result"]["group_captions"] is True
     assert result["steps"]["train_grouped"]["result"]["pairs_per_step"] == 7
+    # render_gpu.py --tiny: both paths timed, the shards' images equal the reference loop's
+    render = result["steps"]["render"]["log_tail"]
+    assert "| reference loop (paper script) |" in render and "| icsd render [selected] |" in render
+    assert "ratio icsd/reference:" in render and "images equal within tolerance: yes" in render
+    assert "8/8 identical" in render  # fp32 on CPU, same seeds: the very same pixels
+    assert result["steps"]["render"]["result"]["rows"]
+    # train_gpu.py --tiny (reads the photos under tests/data): both paths timed, FLOPs counted
+    train = result["steps"]["train"]
+    assert "| reference (eager fp32, tensors on device) |" in train["log_tail"] and "| icsd trainer (" in train["log_tail"]
+    assert "ratio icsd/reference:" in train["log_tail"] and "GFLOP/sample" in train["log_tail"]
+    assert train["result"]["reference_samples_per_s"] > 0 and train["result"]["icsd"]["samples_per_s"] > 0
+    assert 0 <= train["result"]["icsd"]["data_wait_frac"] < 1
