@@ -88,6 +88,30 @@ def test_tiny_preset_reproduces_its_training_captions(tmp_path, items):
     assert (run.train / "last" / "optimizer.safetensors").exists()
 
 
+def test_a_validation_score_of_zero_selects_nothing(tmp_path, items, monkeypatch):
+    """When no check scores above 0, ``best/`` is the final weights, said so in a note; a checkpoint
+    is never "best" on a score of zero."""
+    from icsd.training import trainer
+
+    zero = {"score": 0.0, "CIDEr": 0.0, "BLEU-4": 0.0}
+    monkeypatch.setattr(trainer.Trainer, "validate", lambda self, cm, valset: dict(zero))
+    run = paired_run(tmp_path / "run", items)
+    val_images, val_captions = user_val_split(tmp_path / "val", items)
+    cfg = TrainConfig(
+        preset="tiny", batch_size=4, max_steps=4, warmup_steps=1, augment=False, num_workers=0,
+        val_images=val_images, val_captions=val_captions, eval_every=2, save_every=2, log_every=2,
+    )  # fmt: skip
+    result = train_stage.run(cfg, run)
+    assert "best_score" not in result.counts and "best_step" not in result.counts
+    assert any("validation score was 0 at every check" in n and "not a selection" in n for n in result.notes)
+    best = json.loads((run.train / "best" / "captioner.json").read_text())
+    assert best["step"] == 4 and best["selection"] == "none"
+    last = load_file(run.train / "last" / "model.safetensors")
+    kept = load_file(run.train / "best" / "model.safetensors")
+    assert last.keys() == kept.keys() and all(torch.equal(last[k], kept[k]) for k in last)
+    assert [m["best"] for m in read_metrics(run) if "val_score" in m] == [False, False]
+
+
 def test_prefix_preset_with_tiny_gpt2_reproduces_its_training_captions(tmp_path, items, coco_captions):
     parts = tmp_path / "parts"
     clip = save_tiny_clip(parts / "clip", image_size=64, patch=16)

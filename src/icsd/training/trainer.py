@@ -443,6 +443,13 @@ class Trainer:
             )  # fmt: skip
         if valset is None:
             self.save_best(cm, {"step": total, "val": None})
+        elif best["score"] is None:
+            # no check scored above 0: there is nothing to select on, so best/ is the final weights
+            self.save_best(cm, {"step": total, "val": None, "val_source": valset.source, "selection": "none"})
+            self.notes.append(
+                f"note: the validation score was 0 at every check: {self.out / 'best'} holds the final "
+                f"weights (step {total}), not a selection"
+            )
         if self.tb is not None:
             self.tb.close()
         barrier(ranks)
@@ -660,7 +667,8 @@ class Trainer:
 
     def evaluate_and_keep(self, cm: CaptionModel, valset: ValSet, step: int, best: dict[str, Any]) -> dict[str, Any]:
         scores = self.validate(cm, valset)
-        improved = best["score"] is None or scores["score"] > best["score"]
+        # a checkpoint is kept only on a score above 0: a "best" chosen on no signal would be a guess
+        improved = scores["score"] > 0 and (best["score"] is None or scores["score"] > best["score"])
         if improved:
             best = {"score": scores["score"], "step": step}
             self.save_best(cm, {"step": step, "val": scores, "val_source": valset.source})
