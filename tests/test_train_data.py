@@ -141,8 +141,8 @@ def test_data_workers_interleave_into_the_same_batches(shard_run):
 def test_held_out_synthetic_images_leave_the_training_pairs(tmp_path, coco_captions, coco_images):
     from icsd.config import PairsConfig, TrainConfig
     from icsd.stages import pairs as pairs_stage
-    from icsd.training.trainer import Trainer, load_train_data
     from icsd.training.distributed import Ranks
+    from icsd.training.trainer import Trainer, load_train_data
 
     items = coco_items(coco_captions, coco_images, 6)
     run = make_summary_run(tmp_path / "run", items, shard_size=4)

@@ -40,6 +40,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..executor import ShardTask, run_tasks
 from ..records import Pair, from_table
+from ..stages._base import StageResult, Timer, finish_stage
 from ..store import (
     RunDir,
     atomic_path,
@@ -65,7 +66,6 @@ from .validation import (
     load_user_split,
     validation_line,
 )
-from ..stages._base import StageResult, Timer, finish_stage
 
 IDENTITY_FIELDS = (
     "preset", "vision_model", "text_model", "image_size", "prompt", "label_smoothing", "lr", "dropout",
