@@ -83,6 +83,8 @@ def main() -> None:
             print("statuses:", dict(statuses))
             for (status, reason), n in reasons.most_common():
                 print(f"  {status}: {reason} x{n}")
+                raw = next(r.raw for r in rows if r.status == status and error_reason(r.error) == reason)
+                print(f"    e.g. the answer: {raw[-300:]!r}")
             for r in ok[: args.examples]:
                 shown = members[r.group_id][: cfg.n] if mode == "first-n" else members[r.group_id]
                 chosen = set(r.selected_ids)

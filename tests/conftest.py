@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# nothing outside the clone and the temp dir: scratch files and the sandbox world go to a temp folder
+_SCRATCH = tempfile.mkdtemp(prefix="icsd-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+os.environ.setdefault("ICSD_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
+os.environ.setdefault("ICSD_SANDBOX_DIR", os.path.join(_SCRATCH, "sandbox"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one pytest worker per core: torch (and the subprocesses a test starts) on one thread each,
     # so two workers do not fight over both cores

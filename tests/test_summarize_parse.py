@@ -107,6 +107,11 @@ def test_answer_schema_matches_the_rules():
     idx = schema["properties"]["index"]
     assert (idx["minItems"], idx["maxItems"], idx["items"]["maximum"]) == (5, 10, 30)
     assert answer_schema(PromptSettings(mode="first-n"), 5)["required"] == ["summary"]
+    # strict answers: the grammar must close the summary (a small model otherwise runs on to its
+    # token limit and the JSON is cut off); official answers keep any length
+    assert schema["properties"]["summary"] == {"type": "string", "minLength": 1, "maxLength": 400}
+    official = answer_schema(PromptSettings(answers="official"), 30)["properties"]["summary"]
+    assert "maxLength" not in official and official["minLength"] == 1
 
 
 def test_retry_after_parsing():

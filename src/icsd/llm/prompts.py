@@ -149,12 +149,22 @@ def compile_template(text: str, source: str, settings: PromptSettings, verbatim:
     return PromptTemplate(text=text, source=source, settings=settings, compiled=compiled, verbatim=verbatim)
 
 
+def summary_schema(settings: PromptSettings) -> dict[str, Any]:
+    """The summary string: non-empty and, under strict answers, at most 8 characters per allowed word
+    (a grammar then has to close the string, instead of a small model running on until its token
+    limit cuts the JSON off; the word count itself is checked when the answer is parsed)."""
+    schema: dict[str, Any] = {"type": "string", "minLength": 1}
+    if settings.answers == "strict":
+        schema["maxLength"] = 8 * settings.max_words
+    return schema
+
+
 def answer_schema(settings: PromptSettings, k: int) -> dict[str, Any]:
     """The JSON schema a valid answer follows (used for structured decoding where offered)."""
     if settings.mode == "first-n":
         return {
             "type": "object",
-            "properties": {"summary": {"type": "string"}},
+            "properties": {"summary": summary_schema(settings)},
             "required": ["summary"],
             "additionalProperties": False,
         }
@@ -168,7 +178,7 @@ def answer_schema(settings: PromptSettings, k: int) -> dict[str, Any]:
                 "minItems": lo,
                 "maxItems": hi,
             },
-            "summary": {"type": "string"},
+            "summary": summary_schema(settings),
         },
         "required": ["index", "summary"],
         "additionalProperties": False,
