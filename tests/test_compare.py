@@ -45,6 +45,17 @@ def test_compare_lists_only_differing_settings_and_all_runs(tmp_path: Path) -> N
     assert json.loads(to_json(columns, rows))["rows"][0]["coco-karpathy-test/Bleu_4"] == 0.21
 
 
+def test_a_stage_one_run_lacks_is_one_column_not_all_its_settings(tmp_path: Path) -> None:
+    a = fake_run(tmp_path, "multi", 30, "select", 90, {"CIDEr": 0.70})
+    b = RunDir.at(tmp_path / "uni")  # the uni-context baseline: no group, no summarize
+    b.update_manifest("render", {"config": {"steps": 20}, "counts": {"images": 50}, "complete": True})
+    b.update_manifest("pairs", {"config": {"kinds": ["uni"]}, "counts": {"pairs": 50}, "complete": True})
+    columns, rows = compare_rows([a, b.root])
+    assert columns[:3] == ["run", "stages not run", "pairs.kinds"]
+    assert not any(c.startswith(("group.", "summarize.", "render.")) for c in columns)
+    assert [r["stages not run"] for r in rows] == ["-", "group, summarize"]
+
+
 def test_metric_filters_and_sorts(tmp_path: Path) -> None:
     a = fake_run(tmp_path, "a", 30, "select", 1, {"Bleu_4": 0.2, "CIDEr": 0.5})
     b = fake_run(tmp_path, "b", 20, "select", 1, {"Bleu_4": 0.1, "CIDEr": 0.9})

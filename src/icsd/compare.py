@@ -43,9 +43,9 @@ def run_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_scores(run: RunDir) -> dict[str, float]:
+def run_scores(run: RunDir) -> dict[str, float | int]:
     """``{"<benchmark>/<metric>": value}``, NoCaps domains as ``<benchmark>/<domain>/<metric>``."""
-    out: dict[str, float] = {}
+    out: dict[str, float | int] = {}
     eval_root = run.root / "eval"
     for f in sorted(eval_root.glob("*/scores.json")) if eval_root.exists() else []:
         try:
@@ -56,7 +56,7 @@ def run_scores(run: RunDir) -> dict[str, float]:
         scores = data.get("scores", data) if isinstance(data, dict) else {}
         for k, v in scores.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
-                out[f"{bench}/{k}"] = float(v)
+                out[f"{bench}/{k}"] = int(v) if k.startswith("n_") else float(v)  # n_images is a count
         domains = data.get("domains") or (scores.get("domains") if isinstance(scores, dict) else None)
         if isinstance(domains, dict):
             for dom, vals in domains.items():
@@ -65,6 +65,12 @@ def run_scores(run: RunDir) -> dict[str, float]:
                         if isinstance(v, int | float) and not isinstance(v, bool):
                             out[f"{bench}/{dom}/{k}"] = float(v)
     return out
+
+
+def _stage_order() -> tuple[str, ...]:
+    from .stages import stage_names
+
+    return stage_names()
 
 
 def _metric_rank(key: str) -> tuple[str, int, str]:
@@ -85,16 +91,27 @@ def compare_rows(paths: list[Path], metric: str | None = None) -> tuple[list[str
         runs.append((rd, manifest))
     settings = [run_settings(m) for _, m in runs]
     keys = sorted({k for s in settings for k in s})
-    differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+    # a setting differs when two runs that ran its stage hold different values; a stage a run does
+    # not have (uni-context has no summarize) is named once, in "stages not run", not as every one
+    # of its settings
+    differing = [k for k in keys if len({json.dumps(s[k], default=str) for s in settings if k in s}) > 1]
+    ran = [set(m.get("stages", {})) - {"report"} for _, m in runs]
+    every = set().union(*ran) if ran else set()
+    order = {name: i for i, name in enumerate(_stage_order())}
+    not_run = [sorted(every - r, key=lambda n: (order.get(n, len(order)), n)) for r in ran]
+    if any(not_run):
+        differing.insert(0, "stages not run")
     scores = [run_scores(rd) for rd, _ in runs]
     score_keys = sorted({k for s in scores for k in s}, key=_metric_rank)
     if metric:
         score_keys = [k for k in score_keys if k.rpartition("/")[2] == metric]
     rows = []
-    for (rd, manifest), st, sc in zip(runs, settings, scores, strict=True):
+    for (rd, manifest), st, sc, missing in zip(runs, settings, scores, not_run, strict=True):
         stages = manifest.get("stages", {})
         row: dict[str, Any] = {"run": str(rd.root.name)}
-        row.update({k: st.get(k) for k in differing})
+        row.update({k: st.get(k) for k in differing if k != "stages not run"})
+        if "stages not run" in differing:
+            row["stages not run"] = ", ".join(missing) or "-"
         for col, stage, count in COUNT_COLUMNS:
             row[col] = (stages.get(stage) or {}).get("counts", {}).get(count)
         row.update({k: sc.get(k) for k in score_keys})
