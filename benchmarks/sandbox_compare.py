@@ -4,6 +4,8 @@ selection, summary pairs and the oracle) over several seeds, plus the best-fixed
     python benchmarks/sandbox_compare.py                    # ICSD + uni-context + bounds, seeds 0 1 2
     python benchmarks/sandbox_compare.py --all --out runs/sandbox
     python benchmarks/sandbox_compare.py --methods icsd --seeds 0
+    python benchmarks/sandbox_compare.py --methods icsd uni_context oracle --seeds 0 \
+        --set train.max_steps=1800 --out runs/sandbox-long      # the same runs, trained 3x longer
 
 Each (method, seed) is one ordinary `icsd run configs/sandbox_<method>.yaml` with `--train.seed`,
 `--summarize.seed` and `--render.seed` set to the seed (the world itself stays the same). The
@@ -173,6 +175,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["icsd", "uni_context"], choices=list(METHODS))
     ap.add_argument("--all", action="store_true", help="every method, the ablations and the oracle included")
     ap.add_argument(
+        "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+        help="an override given to every run (repeatable), e.g. train.max_steps=1800",
+    )  # fmt: skip
+    ap.add_argument(
         "--publish", action="store_true", help=f"also write the means to src/icsd/sandbox/{REFERENCE}"
     )
     ap.add_argument(
@@ -199,7 +205,8 @@ def main() -> None:
                 seed_text_stages(args.out / f"icsd-s{args.seeds[0]}", run)
             start = time.perf_counter()
             icsd("run", str(REPO / "configs" / METHODS[method]), "--run", str(run),
-                 f"--train.seed={seed}", f"--summarize.seed={seed}", f"--render.seed={seed}")  # fmt: skip
+                 f"--train.seed={seed}", f"--summarize.seed={seed}", f"--render.seed={seed}",
+                 *(f"--{kv}" for kv in args.set))  # fmt: skip
             seconds[run.name] = round(time.perf_counter() - start, 1)
             results.setdefault(method, {})[seed] = test_scores(run)
             runs.append(run)
@@ -226,7 +233,8 @@ def main() -> None:
         "| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |",
         "|---" * (len(metrics) + 2) + "|",
     ]
-    summary: dict[str, object] = {"seeds": seeds, "seconds": seconds, "total_seconds": round(total, 1)}
+    summary: dict[str, object] = {"seeds": seeds, "seconds": seconds, "total_seconds": round(total, 1),
+                                  "overrides": args.set}  # fmt: skip
     for method, by_seed in results.items():
         cells = []
         for m in metrics:
