@@ -5,7 +5,7 @@ Reads ``RUN/pairs.parquet`` and the render shards; writes ``RUN/train/``:
 - ``last/``: the newest checkpoint (``save_pretrained`` model folder + optimizer, scheduler, RNG
   states and data position), from which a rerun of the same command resumes;
 - ``best/``: the weights with the best CIDEr + BLEU-4 on the validation split (or the final
-  weights when there is no validation split);
+  weights when there is no validation split, or no check scored above 0);
 - ``metrics.jsonl`` (and ``tensorboard/`` when asked).
 
 Runs as one process, or as one process per GPU under ``torchrun`` / ``accelerate launch`` (the

@@ -1,17 +1,6 @@
-"""The training loop of the ``train`` stage (method step 7; the stage's spec is in
-:mod:`icsd.stages.train`, which imports this module only when it runs, so that the CLI starts
-without torch).
-
-Reads ``RUN/pairs.parquet`` and the render shards; writes ``RUN/train/``:
-
-- ``last/``: the newest checkpoint (``save_pretrained`` model folder + optimizer, scheduler, RNG
-  states and data position), from which a rerun of the same command resumes;
-- ``best/``: the weights with the best CIDEr + BLEU-4 on the validation split (or the final
-  weights when there is no validation split);
-- ``metrics.jsonl`` (and ``tensorboard/`` when asked).
-
-Runs as one process, or as one process per GPU under ``torchrun`` / ``accelerate launch`` (the
-ranks split the data streams; see :mod:`icsd.training.data`).
+"""The training loop of the ``train`` stage (method step 7). What it reads and writes is described
+with the stage's spec in :mod:`icsd.stages.train`, which imports this module only when the stage
+runs, so that the CLI starts without torch.
 """
 
 from __future__ import annotations
