@@ -111,6 +111,38 @@ def pair_statistics(run: Path) -> dict[str, float]:
     }
 
 
+def caption_statistics(run: Path) -> dict[str, float]:
+    """Does the model see the objects? Of its test captions that name a kind, the share whose every
+    named kind is in the image's hidden scene, beside the share a kind drawn at random would reach
+    (kinds in the scene / kinds in the world), and the share of named backgrounds that are right."""
+    from icsd.sandbox.lexicon import KINDS, parse
+
+    preds_file = run / "eval" / BENCH / "predictions.json"
+    if not preds_file.exists():
+        return {}
+    scenes = {
+        s["image_id"]: s["scene"]
+        for s in json.loads(world_file("test_scenes.json").read_text(encoding="utf-8"))["scenes"]
+    }
+    naming, right, chance, bg_named, bg_right = 0, 0, 0.0, 0, 0
+    for p in json.loads(preds_file.read_text(encoding="utf-8")):
+        scene = scenes[int(p["image_id"])]
+        present = {o["kind"] for o in scene["objects"]}
+        said = parse(p["caption"])
+        if said.objects:
+            naming += 1
+            right += all(kind in present for kind in said.objects)
+            chance += len(present) / len(KINDS)
+        if said.background:
+            bg_named += 1
+            bg_right += said.background == scene["background"]
+    return {
+        "captions_naming_only_present_kinds": round(right / max(1, naming), 3),
+        "same_by_chance": round(chance / max(1, naming), 3),
+        "named_backgrounds_right": round(bg_right / max(1, bg_named), 3),
+    }
+
+
 def test_scores(run: Path) -> dict[str, float]:
     data = json.loads((run / "eval" / BENCH / "scores.json").read_text())
     return {k: float(v) for k, v in data.get("scores", data).items() if isinstance(v, int | float)}
@@ -265,7 +297,7 @@ def main() -> None:
     print(table)
     for run in runs:
         if (run / "pairs.parquet").exists():
-            stats = pair_statistics(run)
+            stats = {**pair_statistics(run), **caption_statistics(run)}
             summary.setdefault("pair_statistics", {})[run.name] = stats  # type: ignore[union-attr]
             print(f"{run.name}: {stats}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
