@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import UserError
 from .metrics import SCALE_LABEL, format_score
+from .stages import stage_names
 from .store import RunDir
 
 COUNT_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -67,12 +68,6 @@ def run_scores(run: RunDir) -> dict[str, float | int]:
     return out
 
 
-def _stage_order() -> tuple[str, ...]:
-    from .stages import stage_names
-
-    return stage_names()
-
-
 def _metric_rank(key: str) -> tuple[str, int, str]:
     bench, _, metric = key.rpartition("/")
     return (bench, SCORE_ORDER.index(metric) if metric in SCORE_ORDER else len(SCORE_ORDER), metric)
@@ -96,8 +91,8 @@ def compare_rows(paths: list[Path], metric: str | None = None) -> tuple[list[str
     # of its settings
     differing = [k for k in keys if len({json.dumps(s[k], default=str) for s in settings if k in s}) > 1]
     ran = [set(m.get("stages", {})) - {"report"} for _, m in runs]
-    every = set().union(*ran) if ran else set()
-    order = {name: i for i, name in enumerate(_stage_order())}
+    every = set().union(*ran)
+    order = {name: i for i, name in enumerate(stage_names())}
     not_run = [sorted(every - r, key=lambda n: (order.get(n, len(order)), n)) for r in ran]
     if any(not_run):
         differing.insert(0, "stages not run")
