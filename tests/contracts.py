@@ -95,6 +95,9 @@ class CaptionerContract:
 
     def test_loss_is_finite_and_backpropagates(self, built: CaptionModel, pixels: torch.Tensor) -> None:
         batch = built.text_batch(CAPTIONS, 16)
+        # a training-mode forward may update buffers (batch-norm statistics); the class's other
+        # tests compare this model with its saved copy, so they are put back after
+        buffers = {name: b.clone() for name, b in built.model.named_buffers()}
         built.model.train()
         loss = built.loss_module(0.1)(pixels, batch.input_ids, batch.attention_mask, batch.labels)
         try:
@@ -106,6 +109,9 @@ class CaptionerContract:
         finally:
             built.model.zero_grad(set_to_none=True)
             built.model.eval()
+            with torch.no_grad():
+                for name, b in built.model.named_buffers():
+                    b.copy_(buffers[name])
 
     def test_generate_keeps_within_min_and_max_new_tokens(
         self, built: CaptionModel, pixels: torch.Tensor

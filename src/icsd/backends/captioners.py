@@ -510,7 +510,8 @@ def compose_encoder_decoder(encoder: Any, decoder: Any) -> Any:
 
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     # CLIP's pooled-output norm feeds nothing the decoder sees; frozen so DDP sees no unused grads.
-    for p in model.encoder.post_layernorm.parameters():  # type: ignore[union-attr]
+    pooled_norm = getattr(model.encoder, "post_layernorm", None)
+    for p in pooled_norm.parameters() if pooled_norm is not None else ():
         p.requires_grad_(False)
     return model
 
