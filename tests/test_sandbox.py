@@ -285,3 +285,43 @@ def test_report_puts_the_run_beside_the_documented_figures(
     monkeypatch.setattr(report, "reference_scores", lambda: figures)
     html = report.sandbox_section(run)
     assert "this run" in html and "0.500" in html and "uni_context" in html and "0.400 ± 0.010" in html
+
+
+def test_sandbox_vision_encoder_grid_and_saved_round_trip(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from icsd.sandbox.vision import SandboxVisionConfig, SandboxVisionModel
+
+    torch.manual_seed(0)
+    model = SandboxVisionModel(SandboxVisionConfig(image_size=32, channels=[8, 16, 24], hidden_size=24, num_attention_heads=2))
+    pixels = torch.randn(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    assert out.last_hidden_state.shape == (3, 8 * 8, 24)  # 32 px halved twice: an 8x8 grid
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "icsd_sandbox_vision"
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixel_values=pixels).last_hidden_state, out.last_hidden_state, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SandboxVisionModel(SandboxVisionConfig(image_size=30, channels=[8, 16, 24]))
+
+
+def test_kind_probe_benchmark_runs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sandbox_kind_probe.py"
+    spec = importlib.util.spec_from_file_location("sandbox_kind_probe", path)
+    assert spec and spec.loader
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    monkeypatch.setattr(sys, "argv", ["probe", "--images", "32", "--steps", "2", "--batch-size", "4"])
+    probe.main()
+    out = capsys.readouterr().out
+    assert "vit" in out and "conv" in out and "conv / vit:" in out
+    shares = [float(line.split("kinds found ")[1].split()[0]) for line in out.splitlines() if " step " in line]
+    assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
