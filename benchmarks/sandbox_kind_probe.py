@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from icsd.sandbox.draw import CAMERA, draw_scene
 from icsd.sandbox.lexicon import KINDS
 from icsd.sandbox.world import random_scene
 
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # what clip_image_processor uses
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)  # what clip_image_processor normalises with
+STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
 
 
 def camera_images(n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,13 +87,16 @@ class SandboxCaptioner(TinyCaptioner):
         from .vision import SandboxVisionConfig, SandboxVisionModel
 
         size = int(spec.image_size or 64)
-        if size % 8:
-            raise UserError(f"the sandbox captioner needs an image size that is a multiple of 8, not {size}")
+        config = SandboxVisionConfig(image_size=size, **VISION)
+        if size % config.downsampling:
+            raise UserError(
+                f"the sandbox captioner needs an image size that is a multiple of {config.downsampling}, not {size}"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             vocab = Path(tmp) / "vocab.txt"
             vocab.write_text("\n".join(world_vocabulary()) + "\n", encoding="utf-8")
             tokenizer = BertTokenizer(vocab=str(vocab), model_max_length=TEXT["max_position_embeddings"])
-        vision = SandboxVisionModel(SandboxVisionConfig(image_size=size, **VISION))
+        vision = SandboxVisionModel(config)
         text_config = BertConfig(
             vocab_size=len(tokenizer),
             is_decoder=True,

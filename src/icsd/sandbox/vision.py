@@ -54,9 +54,14 @@ class SandboxVisionConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @property
+    def downsampling(self) -> int:
+        """How much smaller the grid's side is than the image's: 2 per pooled stage."""
+        return 2 ** (len(self.channels) - 1)
+
+    @property
     def grid(self) -> int:
-        """Side of the output grid: the image size halved once per pooled stage."""
-        return self.image_size // 2 ** (len(self.channels) - 1)
+        """Side of the output grid."""
+        return self.image_size // self.downsampling
 
 
 class SandboxVisionModel(PreTrainedModel):
@@ -69,10 +74,8 @@ class SandboxVisionModel(PreTrainedModel):
 
     def __init__(self, config: SandboxVisionConfig) -> None:
         super().__init__(config)
-        if config.image_size % 2 ** (len(config.channels) - 1):
-            raise ValueError(
-                f"image size {config.image_size} is not a multiple of {2 ** (len(config.channels) - 1)}"
-            )
+        if config.image_size % config.downsampling:
+            raise ValueError(f"image size {config.image_size} is not a multiple of {config.downsampling}")
         layers: list[nn.Module] = []
         previous = config.num_channels
         for i, width in enumerate(config.channels):
@@ -102,9 +105,7 @@ class SandboxVisionModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, SandboxVisionModel):
             nn.init.normal_(module.position, std=0.02)
-        elif isinstance(module, nn.Linear | nn.Conv2d):
-            module.reset_parameters()
-        elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
+        elif isinstance(module, nn.Linear | nn.Conv2d | nn.LayerNorm | nn.BatchNorm2d):
             module.reset_parameters()
 
     def forward(
