@@ -40,7 +40,7 @@ class TestSandboxCaptioner(CaptionerContract):
     preset = "sandbox"
 
     def make_spec(self, parts: dict[str, Path]) -> CaptionerSpec:
-        return CaptionerSpec(preset="sandbox", image_size=32)
+        return CaptionerSpec(preset="sandbox")  # the packaged pretrained encoder, frozen, 64 px
 
 
 def test_every_registered_family_has_a_contract_test() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from icsd.errors import UserError
 from icsd.llm.answers import parse_answer
 from icsd.llm.prompts import PromptSettings, answer_schema, load_template
 from icsd.sandbox.draw import BACKGROUND_RGB, RGB
@@ -325,3 +326,71 @@ def test_kind_probe_benchmark_runs(capsys: pytest.CaptureFixture[str], monkeypat
     assert "vit" in out and "conv" in out and "conv / vit:" in out
     shares = [float(line.split("kinds found ")[1].split()[0]) for line in out.splitlines() if " step " in line]
     assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+
+
+def test_packaged_encoder_finds_kinds_colours_and_backgrounds_in_camera_pictures() -> None:
+    """The shipped encoder (with its pretraining label head) on camera pictures of scenes it never saw:
+    well above a random ranking on every label group."""
+    from dataclasses import asdict
+
+    from icsd.sandbox.draw import CAMERA
+    from icsd.sandbox.pretrain import (
+        PACKAGED,
+        PretrainSettings,
+        chance_recall,
+        label_scores,
+        labelled_images,
+        load_encoder,
+        recall_at_truth,
+    )
+
+    encoder = load_encoder("world")
+    pixels, labels = labelled_images(150, 31337, CAMERA, 64)
+    found = recall_at_truth(label_scores(PACKAGED, encoder, pixels), labels)
+    chance = chance_recall(labels)
+    assert found["kinds"] > 0.7 > 3 * chance["kinds"]
+    assert found["colours"] > 0.9 and found["backgrounds"] > 0.9
+    record = json.loads((PACKAGED / "pretraining.json").read_text())
+    assert record["settings"] == asdict(PretrainSettings())  # the packaged encoder is the command's defaults
+
+
+def test_sandbox_captioner_trains_only_its_decoder_on_the_frozen_packaged_encoder() -> None:
+    import torch
+
+    from icsd.backends.captioners import CaptionerSpec, build_caption_model
+
+    cm = build_caption_model(CaptionerSpec(preset="sandbox"))
+    encoder_params = {id(p) for p in cm.model.encoder.parameters()}
+    trainable = cm.trainable_parameters()
+    assert trainable and not encoder_params & {id(p) for p in trainable}
+    cm.model.train()
+    assert not cm.model.encoder.training and cm.model.decoder.training  # batch norm keeps its statistics
+    before = {k: v.clone() for k, v in cm.model.encoder.state_dict().items()}
+    cm.model(pixel_values=torch.randn(4, 3, 64, 64), labels=torch.ones(4, 3, dtype=torch.long))
+    assert all(torch.equal(before[k], v) for k, v in cm.model.encoder.state_dict().items())
+    random = build_caption_model(CaptionerSpec(preset="sandbox", vision_model="random", image_size=32))
+    assert all(p.requires_grad for p in random.model.encoder.parameters())
+    with pytest.raises(UserError, match="takes 64 px images, not 32"):
+        build_caption_model(CaptionerSpec(preset="sandbox", image_size=32))
+    with pytest.raises(UserError, match="no sandbox encoder in"):
+        build_caption_model(CaptionerSpec(preset="sandbox", vision_model="/nonexistent/encoder"))
+
+
+def test_encoder_command_writes_a_frozen_encoder_the_captioner_loads(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from icsd.backends.captioners import CaptionerSpec, build_caption_model
+    from icsd.cli import app
+
+    out = tmp_path / "enc"
+    result = CliRunner().invoke(
+        app, ["sandbox", "encoder", "--out", str(out), "--steps", "3", "--images", "16", "--batch-size", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "kinds" in result.output and "chance" in result.output
+    assert {"config.json", "model.safetensors", "label_head.safetensors", "pretraining.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert json.loads((out / "pretraining.json").read_text())["settings"]["steps"] == 3
+    cm = build_caption_model(CaptionerSpec(preset="sandbox", vision_model=str(out)))
+    assert cm.model.encoder.config.frozen and not any(p.requires_grad for p in cm.model.encoder.parameters())

@@ -1,10 +1,12 @@
 """``train.preset: sandbox``: a captioner that learns the sandbox world in minutes on two CPU cores.
 
-One ``VisionEncoderDecoderModel`` from random weights, as the ``tiny`` family, but with a small
-convolutional image encoder (:mod:`.vision`: four conv stages to an 8x8 grid, one transformer
-layer; a ViT this size does not learn the world's object kinds in a few hundred steps), a 2-layer
-BERT decoder with cross-attention, and a WordPiece vocabulary of the world's words only (about 200
-tokens instead of 30,522), so each step is cheap. No flips: captions say left and right.
+One ``VisionEncoderDecoderModel``, shaped as the paper's (a pretrained image encoder, a BERT decoder
+with cross-attention) at a size that trains in minutes: a small convolutional image encoder
+(:mod:`.vision`: four conv stages to an 8x8 grid, one transformer layer) pretrained on the
+renderer's pictures of random scenes and frozen (:mod:`.pretrain`, the world's stand-in for CLIP;
+packaged, so nothing is downloaded), a 2-layer BERT decoder from random weights, and a WordPiece
+vocabulary of the world's words only (about 200 tokens instead of 30,522), so each step is cheap.
+No flips: captions say left and right.
 """
 
 from __future__ import annotations
@@ -73,10 +75,13 @@ def world_vocabulary() -> list[str]:
 
 
 class SandboxCaptioner(TinyCaptioner):
-    """Random-init convolutional encoder (:mod:`.vision`) + 2-layer BERT decoder over the world's vocabulary."""
+    """The pretrained, frozen convolutional encoder (:mod:`.vision`, :mod:`.pretrain`) + a 2-layer
+    BERT decoder over the world's vocabulary, from random weights."""
 
     name = "sandbox"
-    defaults = {"vision_model": None, "text_model": None, "image_size": 64, "dropout": 0.1}
+    # vision_model: "world" = the packaged pretrained encoder (:mod:`.pretrain`), a folder written by
+    # ``icsd sandbox encoder``, or "random" (trained from random weights with the decoder)
+    defaults = {"vision_model": "world", "text_model": None, "image_size": 64, "dropout": 0.1}
     lr = 1e-3
     augment = False
 
@@ -84,19 +89,27 @@ class SandboxCaptioner(TinyCaptioner):
     def build(cls, spec: CaptionerSpec) -> CaptionModel:
         from transformers import BertConfig, BertLMHeadModel, BertTokenizer
 
+        from .pretrain import load_encoder
         from .vision import SandboxVisionConfig, SandboxVisionModel
 
         size = int(spec.image_size or 64)
-        config = SandboxVisionConfig(image_size=size, **VISION)
-        if size % config.downsampling:
-            raise UserError(
-                f"the sandbox captioner needs an image size that is a multiple of {config.downsampling}, not {size}"
-            )
+        if spec.vision_model in (None, "random"):
+            config = SandboxVisionConfig(image_size=size, **VISION)
+            if size % config.downsampling:
+                raise UserError(
+                    f"the sandbox captioner needs an image size that is a multiple of {config.downsampling}, not {size}"
+                )
+            vision = SandboxVisionModel(config)
+        else:
+            vision = load_encoder(spec.vision_model)
+            if vision.config.image_size != size:
+                raise UserError(
+                    f"the sandbox encoder {spec.vision_model!r} takes {vision.config.image_size} px images, not {size}"
+                )
         with tempfile.TemporaryDirectory() as tmp:
             vocab = Path(tmp) / "vocab.txt"
             vocab.write_text("\n".join(world_vocabulary()) + "\n", encoding="utf-8")
             tokenizer = BertTokenizer(vocab=str(vocab), model_max_length=TEXT["max_position_embeddings"])
-        vision = SandboxVisionModel(config)
         text_config = BertConfig(
             vocab_size=len(tokenizer),
             is_decoder=True,
@@ -105,7 +118,17 @@ class SandboxCaptioner(TinyCaptioner):
             **TEXT,
             **dropout_overrides(spec.dropout),
         )
-        return cls.compose(vision, BertLMHeadModel(text_config), tokenizer, clip_image_processor(size), spec)
+        cm = cls.compose(vision, BertLMHeadModel(text_config), tokenizer, clip_image_processor(size), spec)
+        cm.model.encoder.apply_frozen()
+        return cm
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[Any, Any, Any]:
+        """As the base family, then the encoder frozen again if its config says so (loading the
+        checkpoint makes fresh parameters that want gradients)."""
+        model, tokenizer, processor = super().load(folder)
+        model.encoder.apply_frozen()
+        return model, tokenizer, processor
 
     @classmethod
     def model_class(cls) -> Any:

@@ -13,11 +13,13 @@ it as safetensors and loads it back like any other encoder.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 MODEL_TYPE = "icsd_sandbox_vision"
@@ -27,7 +29,8 @@ class SandboxVisionConfig(PretrainedConfig):
     """``channels``: one 3x3 convolution (+ batch norm, ReLU) per stage, each stage but the last
     followed by 2x2 max pooling, so a 64 px image becomes an 8x8 grid with four stages; then a
     linear map to ``hidden_size``, learned grid positions and ``num_hidden_layers`` transformer
-    layers over the grid."""
+    layers over the grid. ``frozen``: the model keeps its weights and batch-norm statistics
+    (no gradients, always in eval mode), as a pretrained feature extractor."""
 
     model_type = MODEL_TYPE
 
@@ -41,6 +44,7 @@ class SandboxVisionConfig(PretrainedConfig):
         num_attention_heads: int = 4,
         intermediate_size: int = 192,
         layer_norm_eps: float = 1e-5,
+        frozen: bool = False,
         **kwargs: Any,
     ) -> None:
         self.image_size = image_size
@@ -51,6 +55,7 @@ class SandboxVisionConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size
         self.layer_norm_eps = layer_norm_eps
+        self.frozen = frozen
         super().__init__(**kwargs)
 
     @property
@@ -101,12 +106,38 @@ class SandboxVisionModel(PreTrainedModel):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+        self.apply_frozen()
+
+    def apply_frozen(self) -> SandboxVisionModel:
+        """No gradients and eval mode when the config says ``frozen``. Loading weights (``from_pretrained``,
+        or a saved captioner around this encoder) makes fresh parameters that want gradients again, so
+        every loader calls this after loading."""
+        if self.config.frozen:
+            self.requires_grad_(False)
+            self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> SandboxVisionModel:
+        """A frozen encoder stays in eval mode (its batch norm keeps the pretrained statistics)."""
+        return super().train(mode and not self.config.frozen)
 
     def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's own defaults, written with transformers' guarded init functions: loading a
+        # checkpoint marks what it loaded, and these leave marked tensors (batch-norm statistics
+        # included) alone, where ``reset_parameters()`` would zero them.
         if isinstance(module, SandboxVisionModel):
-            nn.init.normal_(module.position, std=0.02)
-        elif isinstance(module, nn.Linear | nn.Conv2d | nn.LayerNorm | nn.BatchNorm2d):
-            module.reset_parameters()
+            init.normal_(module.position, std=0.02)
+        elif isinstance(module, nn.Linear | nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+        elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):  # always tracks running statistics here
+                for stat, fill in (("running_mean", init.zeros_), ("running_var", init.ones_), ("num_batches_tracked", init.zeros_)):
+                    fill(getattr(module, stat))
 
     def forward(
         self,
