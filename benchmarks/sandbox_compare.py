@@ -69,8 +69,8 @@ def seed_text_stages(source: Path, dest: Path) -> None:
 
 
 def pair_statistics(run: Path) -> dict[str, float]:
-    """What the renderer drew for a run: objects per image, and the share of (image, caption) pairs
-    whose caption is all true of its image (the renderer is deterministic per item seed, so each
+    """What the renderer drew for a run: objects per image, the share of (image, caption) pairs
+    whose caption is all true of its image, and the share whose every named kind is in it (the renderer is deterministic per item seed, so each
     image's scene is recomputed from its prompt)."""
     import pyarrow.parquet as pq
 
@@ -97,12 +97,13 @@ def pair_statistics(run: Path) -> dict[str, float]:
         for k, v in prompts.items()
         if safe_key(k) in keys
     }
-    true = [
-        not agrees(parse(p["caption"]), scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes
-    ]
+    said = [(parse(p["caption"]), scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes]
+    true = [not agrees(statement, scene) for statement, scene in said]
+    kinds_shown = [set(statement.objects) <= {o.kind for o in scene.objects} for statement, scene in said]
     return {
         "objects_per_image": round(statistics.mean(len(s.objects) for s in scenes.values()), 2),
         "pairs_all_true": round(sum(true) / max(1, len(true)), 3),
+        "pairs_naming_only_kinds_shown": round(sum(kinds_shown) / max(1, len(kinds_shown)), 3),
         "prompts_over_five_kinds": round(
             sum(len(parse(prompts[k]).objects) > 5 for k in prompts if safe_key(k) in keys)
             / max(1, len(scenes)),
