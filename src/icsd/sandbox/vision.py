@@ -6,6 +6,9 @@ a ViT with linear 8 px patches does not learn to tell the world's 20 object kind
 probe on camera images stays near chance), while convolutions with batch norm and max pooling,
 which see a shape the same wherever it sits, do (``docs/sandbox.md``, "The captioner").
 
+The ``sandbox`` preset does not train it through the caption loss (that stays at chance on the
+kinds): it loads it pretrained on the renderer's pictures and frozen (:mod:`.pretrain`).
+
 It is an ordinary transformers model (``PretrainedConfig`` + ``PreTrainedModel``, registered with
 ``AutoConfig``/``AutoModel`` when this module is imported), so ``VisionEncoderDecoderModel`` saves
 it as safetensors and loads it back like any other encoder.
