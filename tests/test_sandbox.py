@@ -277,7 +277,9 @@ def test_report_puts_the_run_beside_the_documented_figures(
     (run / "eval" / "sandbox-test" / "scores.json").write_text(
         json.dumps({"scores": {"CIDEr": 0.5, "Bleu_4": 0.2}})
     )
-    config = {"annotations": "/x/sandbox/default/test.json", "images": "/x", "benchmark": "sandbox-test"}
+    # a world anywhere (ICSD_SANDBOX_DIR may point outside any folder named sandbox)
+    world = write_world(WORLDS["small"], tmp_path / "worlds" / "mine")
+    config = {"annotations": str(world / "test.json"), "images": str(world / "test"), "benchmark": "sandbox-test"}
     (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
     figures = {
         "note": "n",
@@ -286,6 +288,12 @@ def test_report_puts_the_run_beside_the_documented_figures(
     monkeypatch.setattr(report, "reference_scores", lambda: figures)
     html = report.sandbox_section(run)
     assert "this run" in html and "0.500" in html and "uni_context" in html and "0.400 ± 0.010" in html
+    coco = tmp_path / "sandbox" / "coco.json"  # a benchmark that is no world, whatever its path says
+    coco.parent.mkdir()
+    coco.write_text("{}")
+    config["annotations"] = str(coco)
+    (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
+    assert report.sandbox_section(run) == ""
 
 
 def test_sandbox_vision_encoder_grid_and_saved_round_trip(tmp_path: Path) -> None:

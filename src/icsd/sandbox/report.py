@@ -81,8 +81,9 @@ def reference_scores() -> dict[str, Any]:
 def sandbox_section(run_root: Path) -> str:
     """This run's sandbox test scores beside the methods and bounds of docs/sandbox.md."""
     settings = _evaluate_settings(run_root)
-    if not str(settings.get("annotations") or "").count("sandbox"):
-        return ""
+    annotations = settings.get("annotations")
+    if not (annotations and (Path(str(annotations)).parent / "world.json").is_file()):
+        return ""  # not a sandbox world's benchmark (a world folder holds its world.json)
     scores_file = run_root / "eval" / str(settings.get("benchmark") or "") / "scores.json"
     ref = reference_scores()
     if not (scores_file.is_file() and ref):
