@@ -6,6 +6,9 @@ selection, summary pairs and the oracle) over several seeds, plus the best-fixed
     python benchmarks/sandbox_compare.py --methods icsd --seeds 0
     python benchmarks/sandbox_compare.py --methods icsd uni_context oracle --seeds 0 \
         --set train.max_steps=1800 --out runs/sandbox-long      # the same runs, trained 3x longer
+    python benchmarks/sandbox_compare.py --methods icsd_kind_true --out runs/sandbox
+        # a diagnostic: each icsd-s<seed> run of OUT retrained without its pairs that name a kind
+        # the image does not show (the renderer draws five kinds at most)
 
 Each (method, seed) is one ordinary `icsd run configs/sandbox_<method>.yaml` with `--train.seed`,
 `--summarize.seed` and `--render.seed` set to the seed (the world itself stays the same). The
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "sandbox-test"
@@ -36,6 +40,8 @@ METHODS = {
     "no_selection": "sandbox_no_selection.yaml",
     "summary_pairs": "sandbox_summary_pairs.yaml",
     "oracle": "sandbox_oracle.yaml",
+    # a diagnostic: the ICSD run of the same seed, less its pairs that name a kind the image lacks
+    "icsd_kind_true": "sandbox_icsd.yaml",
 }
 TEXT_STAGES = ("captions.parquet", "embeddings", "candidates.parquet")
 REFERENCE = "reference_scores.json"  # what every sandbox run's report shows beside its own scores
@@ -68,21 +74,19 @@ def seed_text_stages(source: Path, dest: Path) -> None:
     (dest / "manifest.json").write_text(json.dumps(manifest))
 
 
-def pair_statistics(run: Path) -> dict[str, float]:
-    """What the renderer drew for a run: objects per image, the share of (image, caption) pairs
-    whose caption is all true of its image, and the share whose every named kind is in it (the renderer is deterministic per item seed, so each
-    image's scene is recomputed from its prompt)."""
+def rendered_pairs(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """(pairs, the scene each image key's picture shows, the prompt of each prompt key) of a run whose
+    images the sandbox renderer drew (it is deterministic per item seed, so each image's scene is
+    recomputed from its prompt); empty when another backend drew them."""
     import pyarrow.parquet as pq
 
     from icsd.backends.t2i import item_seed
-    from icsd.sandbox.lexicon import parse
     from icsd.sandbox.renderer import SceneRenderer, parse_model
-    from icsd.sandbox.world import agrees
     from icsd.store import safe_key
 
     config = json.loads((run / "manifest.json").read_text())["stages"]["render"]["config"]
     if config["backend"] != "sandbox":
-        return {}
+        return [], {}, {}
     renderer = SceneRenderer(parse_model(config["model"]))
     pairs = pq.read_table(run / "pairs.parquet").to_pylist()
     if config["prompts"] == "captions":
@@ -97,19 +101,63 @@ def pair_statistics(run: Path) -> dict[str, float]:
         for k, v in prompts.items()
         if safe_key(k) in keys
     }
-    said = [(parse(p["caption"]), scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes]
-    true = [not agrees(statement, scene) for statement, scene in said]
-    kinds_shown = [set(statement.objects) <= {o.kind for o in scene.objects} for statement, scene in said]
+    return pairs, scenes, {k: v for k, v in prompts.items() if safe_key(k) in keys}
+
+
+def names_only_kinds_shown(caption: str, scene: Any) -> bool:
+    from icsd.sandbox.lexicon import parse
+
+    return set(parse(caption).objects) <= {o.kind for o in scene.objects}
+
+
+def pair_statistics(run: Path) -> dict[str, float]:
+    """What the renderer drew for a run: objects per image, the share of (image, caption) pairs
+    whose caption is all true of its image, and the share whose every named kind is in it."""
+    from icsd.sandbox.lexicon import parse
+    from icsd.sandbox.world import agrees
+
+    pairs, scenes, prompts = rendered_pairs(run)
+    if not scenes:
+        return {}
+    said = [(p["caption"], scenes[p["image_key"]]) for p in pairs if p["image_key"] in scenes]
+    true = [not agrees(parse(caption), scene) for caption, scene in said]
+    kinds_shown = [names_only_kinds_shown(caption, scene) for caption, scene in said]
     return {
         "objects_per_image": round(statistics.mean(len(s.objects) for s in scenes.values()), 2),
         "pairs_all_true": round(sum(true) / max(1, len(true)), 3),
         "pairs_naming_only_kinds_shown": round(sum(kinds_shown) / max(1, len(kinds_shown)), 3),
         "prompts_over_five_kinds": round(
-            sum(len(parse(prompts[k]).objects) > 5 for k in prompts if safe_key(k) in keys)
-            / max(1, len(scenes)),
-            3,
+            sum(len(parse(text).objects) > 5 for text in prompts.values()) / max(1, len(scenes)), 3
         ),
     }
+
+
+def kind_true_copy(source: Path, dest: Path) -> int:
+    """``dest``: the ICSD run ``source`` up to its pairs, less the pairs that name a kind their image
+    does not show (the renderer dropped it); training and evaluation are left to run again.
+    Returns the number of pairs dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not (source / "pairs.parquet").exists():
+        sys.exit(f"icsd_kind_true needs the ICSD run {source} first (add icsd before it to --methods)")
+    if dest.exists():
+        return -1
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("train", "eval", "report.html"))
+    pairs, scenes, _ = rendered_pairs(dest)
+    kept = [
+        p
+        for p in pairs
+        if p["image_key"] in scenes and names_only_kinds_shown(p["caption"], scenes[p["image_key"]])
+    ]
+    table = pq.read_table(dest / "pairs.parquet")
+    pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), dest / "pairs.parquet")
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for stage in ("train", "evaluate", "report"):
+        manifest.get("stages", {}).pop(stage, None)
+        manifest.get("pipeline", {}).pop(stage, None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return len(pairs) - len(kept)
 
 
 def caption_statistics(run: Path) -> dict[str, float]:
@@ -206,7 +254,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/sandbox"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["icsd", "uni_context"], choices=list(METHODS))
-    ap.add_argument("--all", action="store_true", help="every method, the ablations and the oracle included")
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help="every method, the ablations and the oracle included (not the diagnostic)",
+    )
     ap.add_argument(
         "--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
         help="an override given to every run (repeatable), e.g. train.max_steps=1800",
@@ -219,7 +271,7 @@ def main() -> None:
         help="run nothing: gather the finished <method>-s<seed> runs (and fixed_caption) found in these folders",
     )  # fmt: skip
     args = ap.parse_args()
-    methods = list(METHODS) if args.all else args.methods
+    methods = [m for m in METHODS if m != "icsd_kind_true"] if args.all else args.methods
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict[str, float]]] = {}
@@ -234,7 +286,10 @@ def main() -> None:
     for seed in [] if args.collect else args.seeds:
         for method in methods:
             run = args.out / f"{method}-s{seed}"
-            if method != "uni_context":
+            if method == "icsd_kind_true":
+                dropped = kind_true_copy(args.out / f"icsd-s{seed}", run)
+                print(f"{run.name}: {dropped} kind-false pairs dropped from icsd-s{seed}", flush=True)
+            elif method != "uni_context":
                 seed_text_stages(args.out / f"icsd-s{args.seeds[0]}", run)
             start = time.perf_counter()
             icsd("run", str(REPO / "configs" / METHODS[method]), "--run", str(run),

@@ -402,3 +402,57 @@ def test_encoder_command_writes_a_frozen_encoder_the_captioner_loads(tmp_path: P
     assert json.loads((out / "pretraining.json").read_text())["settings"]["steps"] == 3
     cm = build_caption_model(CaptionerSpec(preset="sandbox", vision_model=str(out)))
     assert cm.model.encoder.config.frozen and not any(p.requires_grad for p in cm.model.encoder.parameters())
+
+
+def test_the_sandbox_chain_end_to_end_and_the_kind_true_diagnostic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ICSD chain in a small world (the quickstart's config, its paths pointed at the `small`
+    world, fewer steps): every stage runs, the report shows the test images and the documented
+    figures; then the comparison script's kind-true copy drops exactly the pairs that name a kind
+    their image does not show."""
+    import importlib.util
+
+    from icsd import pipeline
+
+    monkeypatch.setenv("ICSD_SANDBOX_DIR", str(tmp_path / "worlds"))
+    overrides = {
+        "ingest.corpus": "sandbox:small/train.txt",
+        "summarize.sample": 80,
+        "train.val_images": "sandbox:small/val",
+        "train.val_captions": "sandbox:small/val.json",
+        "train.max_steps": 20,
+        "train.eval_every": 10,
+        "train.save_every": 10,
+        "evaluate.annotations": "sandbox:small/test.json",
+        "evaluate.images": "sandbox:small/test",
+        "evaluate.metrics": ["BLEU", "CIDEr"],
+        "report.sample_groups": 3,
+    }
+    cfg = pipeline.load_config(Path(__file__).resolve().parents[1] / "configs" / "sandbox_icsd.yaml", overrides)
+    result = pipeline.run(cfg, tmp_path / "run", echo=lambda _: None)
+    root = result.run.root
+    assert result.ran == pipeline.enabled_stages(cfg)
+    assert cfg.train.preset == "sandbox" and "score" not in result.ran
+    scores = json.loads((root / "eval" / "sandbox-test" / "scores.json").read_text())
+    assert scores.get("scores", scores)["CIDEr"] > 0
+    html = (root / "report.html").read_text()
+    assert "Test images: the model" in html and "Sandbox world: this run" in html
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sandbox_compare.py"
+    spec = importlib.util.spec_from_file_location("sandbox_compare", path)
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stats = bench.pair_statistics(root)
+    assert stats["objects_per_image"] > 1 and 0 < stats["pairs_all_true"] <= stats["pairs_naming_only_kinds_shown"] <= 1
+    pairs, scenes, _ = bench.rendered_pairs(root)
+    false = sum(not bench.names_only_kinds_shown(p["caption"], scenes[p["image_key"]]) for p in pairs)
+    copy = tmp_path / "kind_true"
+    assert bench.kind_true_copy(root, copy) == false
+    kept, _, _ = bench.rendered_pairs(copy)
+    assert len(kept) == len(pairs) - false
+    assert bench.pair_statistics(copy)["pairs_naming_only_kinds_shown"] == 1.0
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert "train" not in manifest["stages"] and "pairs" in manifest["stages"]
+    assert not (copy / "train").exists()
