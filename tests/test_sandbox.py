@@ -456,3 +456,28 @@ def test_the_sandbox_chain_end_to_end_and_the_kind_true_diagnostic(
     manifest = json.loads((copy / "manifest.json").read_text())
     assert "train" not in manifest["stages"] and "pairs" in manifest["stages"]
     assert not (copy / "train").exists()
+
+
+def test_close_up_draws_short_prompts_larger_and_a_lone_object_in_the_middle() -> None:
+    """``world:close_up=1``: the composition gap of a text-to-image model (few objects drawn large,
+    a lone one centred); pictures of five groups and the default renderer are unchanged."""
+    import numpy as np
+
+    from icsd.sandbox.draw import draw_scene
+    from icsd.sandbox.renderer import SceneRenderer, parse_model
+
+    def picture(model: str, prompt: str) -> np.ndarray:
+        renderer = SceneRenderer(parse_model(model))
+        scene = renderer.scene_for(prompt, 11)
+        return draw_scene(scene.background, list(scene.objects), size=64, seed=11, style=renderer.settings.style)
+
+    def object_pixels(img: np.ndarray) -> np.ndarray:  # anything not the flat background colour
+        return np.argwhere(np.abs(img.astype(int) - img[0, 0].astype(int)).sum(axis=2) > 60)
+
+    lone = "a red ball on the left of the picture on the snow"
+    plain, close = object_pixels(picture("world", lone)), object_pixels(picture("world:close_up=1", lone))
+    assert len(close) > 2.5 * len(plain)
+    assert plain[:, 1].mean() < 22 and 26 < close[:, 1].mean() < 38  # the left cell, then the middle
+    five = "a red ball, a blue car, a green tree, a yellow kite and a white cup on the sand"
+    assert np.array_equal(picture("world", five), picture("world:close_up=1", five))
+    assert not np.array_equal(picture("world", five), picture("world:close_up=1,jitter=0.2", five))

@@ -54,12 +54,16 @@ class Placed:
 @dataclass(frozen=True)
 class Style:
     """How an image looks beyond its content: position jitter (share of a cell), background
-    texture (0-1), pixel noise (std in 0-255 units) and colour jitter (share of each channel)."""
+    texture (0-1), pixel noise (std in 0-255 units) and colour jitter (share of each channel).
+    ``close_up`` (0 = none) draws pictures of few object groups the way a text-to-image model
+    draws a short prompt: each object larger by up to that share (all of it for one group, none
+    for five), and a lone group in the middle whatever its cell."""
 
     jitter: float = 0.0
     texture: float = 0.0
     noise: float = 0.0
     colour_jitter: float = 0.0
+    close_up: float = 0.0
 
 
 CLEAN = Style()
@@ -314,11 +318,12 @@ def draw_scene(
     _background(img, background, rng, style)
     d = ImageDraw.Draw(img)
     cell = big / 3
+    zoom = 1.0 + style.close_up * max(0, 5 - len(objects)) / 4
     for obj in sorted(objects, key=lambda o: CELLS[o.position][1]):  # back (top) to front
-        cx, cy = CELLS[obj.position]
+        cx, cy = CELLS["middle"] if style.close_up and len(objects) == 1 else CELLS[obj.position]
         x = (cx + 0.5) * cell + rng.uniform(-1, 1) * style.jitter * cell
         y = (cy + 0.5) * cell + rng.uniform(-1, 1) * style.jitter * cell
-        r = SIZE_SCALE[obj.size] * big * (0.75 if obj.count > 1 else 1.0)
+        r = SIZE_SCALE[obj.size] * big * (0.75 if obj.count > 1 else 1.0) * zoom
         colour = RGB[obj.colour]
         if style.colour_jitter:
             colour = tuple(

@@ -4,7 +4,9 @@
 the world's lexicon and draws what it names, in a clean style; what the sentence leaves open
 (a colour, a size, a position, the background) comes from the image's seed. ``world:extra=0.3``
 also adds an unmentioned object to each free cell with probability 0.3 (a renderer that invents
-clutter); ``world:jitter=0.1,texture=0.5,noise=5`` changes the style.
+clutter); ``world:jitter=0.1,texture=0.5,noise=5`` changes the style; ``world:close_up=1`` draws a
+prompt that names few objects as a diffusion model draws a short prompt (larger, a lone object in
+the middle), unlike the camera: the composition gap the paper's multi-context images close.
 
 ``sandbox-camera`` (``--render.model DIR``, a world folder) is the world's camera, for the oracle
 bound: a prompt that is one of the world's training captions is drawn as the full hidden scene
@@ -30,7 +32,7 @@ from .world import Scene, realise
 
 MODEL = "world"
 RENDER = Style(jitter=0.06)  # flat colours and clean backgrounds; placement varies a little by seed
-OPTIONS = ("extra", "jitter", "texture", "noise", "colour_jitter")
+OPTIONS = ("extra", "jitter", "texture", "noise", "colour_jitter", "close_up")
 
 
 @dataclass(frozen=True)
