@@ -67,10 +67,15 @@ def seed_text_stages(source: Path, dest: Path) -> None:
             shutil.copytree(src, dest / name)
         elif src.exists():
             shutil.copy2(src, dest / name)
+    keep_stages(source, dest, {"ingest", "embed", "group"})
+
+
+def keep_stages(source: Path, dest: Path, keep: set[str]) -> None:
+    """``dest``'s manifest: ``source``'s, with only the ``keep`` stages recorded as done (the
+    pipeline runs the others again)."""
     manifest = json.loads((source / "manifest.json").read_text())
-    keep = {"ingest", "embed", "group"}
-    manifest["stages"] = {k: v for k, v in manifest.get("stages", {}).items() if k in keep}
-    manifest["pipeline"] = {k: v for k, v in manifest.get("pipeline", {}).items() if k in keep}
+    for section in ("stages", "pipeline"):
+        manifest[section] = {k: v for k, v in manifest.get(section, {}).items() if k in keep}
     (dest / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -132,17 +137,17 @@ def pair_statistics(run: Path) -> dict[str, float]:
     }
 
 
-def kind_true_copy(source: Path, dest: Path) -> int:
+def kind_true_copy(source: Path, dest: Path) -> int | None:
     """``dest``: the ICSD run ``source`` up to its pairs, less the pairs that name a kind their image
     does not show (the renderer dropped it); training and evaluation are left to run again.
-    Returns the number of pairs dropped."""
+    Returns the number of pairs dropped (None when ``dest`` is there already)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not (source / "pairs.parquet").exists():
         sys.exit(f"icsd_kind_true needs the ICSD run {source} first (add icsd before it to --methods)")
     if dest.exists():
-        return -1
+        return None
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("train", "eval", "report.html"))
     pairs, scenes, _ = rendered_pairs(dest)
     kept = [
@@ -150,13 +155,9 @@ def kind_true_copy(source: Path, dest: Path) -> int:
         for p in pairs
         if p["image_key"] in scenes and names_only_kinds_shown(p["caption"], scenes[p["image_key"]])
     ]
-    table = pq.read_table(dest / "pairs.parquet")
-    pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), dest / "pairs.parquet")
-    manifest = json.loads((dest / "manifest.json").read_text())
-    for stage in ("train", "evaluate", "report"):
-        manifest.get("stages", {}).pop(stage, None)
-        manifest.get("pipeline", {}).pop(stage, None)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
+    schema = pq.read_schema(dest / "pairs.parquet")
+    pq.write_table(pa.Table.from_pylist(kept, schema=schema), dest / "pairs.parquet")
+    keep_stages(source, dest, {"ingest", "embed", "group", "summarize", "render", "score", "pairs"})
     return len(pairs) - len(kept)
 
 
@@ -288,7 +289,8 @@ def main() -> None:
             run = args.out / f"{method}-s{seed}"
             if method == "icsd_kind_true":
                 dropped = kind_true_copy(args.out / f"icsd-s{seed}", run)
-                print(f"{run.name}: {dropped} kind-false pairs dropped from icsd-s{seed}", flush=True)
+                done = "already there" if dropped is None else f"{dropped} kind-false pairs dropped"
+                print(f"{run.name}: {done} (from icsd-s{seed})", flush=True)
             elif method != "uni_context":
                 seed_text_stages(args.out / f"icsd-s{args.seeds[0]}", run)
             start = time.perf_counter()

@@ -118,17 +118,7 @@ class SandboxCaptioner(TinyCaptioner):
             **TEXT,
             **dropout_overrides(spec.dropout),
         )
-        cm = cls.compose(vision, BertLMHeadModel(text_config), tokenizer, clip_image_processor(size), spec)
-        cm.model.encoder.apply_frozen()
-        return cm
-
-    @classmethod
-    def load(cls, folder: Path) -> tuple[Any, Any, Any]:
-        """As the base family, then the encoder frozen again if its config says so (loading the
-        checkpoint makes fresh parameters that want gradients)."""
-        model, tokenizer, processor = super().load(folder)
-        model.encoder.apply_frozen()
-        return model, tokenizer, processor
+        return cls.compose(vision, BertLMHeadModel(text_config), tokenizer, clip_image_processor(size), spec)
 
     @classmethod
     def model_class(cls) -> Any:

@@ -33,6 +33,7 @@ from .world import random_scene, scene_captions
 
 PREFIX = "sandbox:"
 VERSION = 2  # bump when the world's generator changes what it writes
+WORLD_FILE = "world.json"  # the spec a world was made from, written last
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def write_world(spec: WorldSpec, out: Path) -> Path:
                 scenes.append({"image_id": image_id, "scene": scene.to_json()})
             (tmp / f"{split}.json").write_text(json.dumps(_coco(split, entries)), encoding="utf-8")
             (tmp / f"{split}_scenes.json").write_text(json.dumps({"scenes": scenes}), encoding="utf-8")
-        (tmp / "world.json").write_text(
+        (tmp / WORLD_FILE).write_text(
             json.dumps({"version": VERSION, "digest": spec.digest(), **asdict(spec)}, indent=1),
             encoding="utf-8",
         )
@@ -112,8 +113,13 @@ def write_world(spec: WorldSpec, out: Path) -> Path:
     return out
 
 
+def is_world(folder: Path) -> bool:
+    """A folder :func:`write_world` finished (its spec file is written last)."""
+    return (folder / WORLD_FILE).is_file()
+
+
 def is_complete(folder: Path, spec: WorldSpec) -> bool:
-    marker = folder / "world.json"
+    marker = folder / WORLD_FILE
     try:
         return bool(json.loads(marker.read_text(encoding="utf-8")).get("digest") == spec.digest())
     except (OSError, ValueError):

@@ -37,7 +37,17 @@ HEAD = "label_head.safetensors"  # the linear label head of pretraining (not par
 # the scene streams: far from the world's seeds (0, 1, ...) and each other
 TRAIN_SEED = 1_000_003
 PROBE_SEED = 2_000_003
-LABELS = (*(f"kind:{k}" for k in KINDS), *(f"colour:{c}" for c in COLOURS), *(f"background:{b}" for b in BACKGROUNDS))
+GROUPS = (
+    ("kinds", "kind", KINDS),
+    ("colours", "colour", COLOURS),
+    ("backgrounds", "background", BACKGROUNDS),
+)
+LABELS = tuple(f"{prefix}:{value}" for _, prefix, values in GROUPS for value in values)
+INDEX = {label: i for i, label in enumerate(LABELS)}
+SLICES = {
+    name: slice(INDEX[f"{prefix}:{values[0]}"], INDEX[f"{prefix}:{values[-1]}"] + 1)
+    for name, prefix, values in GROUPS
+}
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,8 @@ def scene_labels(scene: Scene) -> np.ndarray:
     """Multi-hot over :data:`LABELS`: the scene's kinds, colours and background."""
     y = np.zeros(len(LABELS), dtype=np.float32)
     for obj in scene.objects:
-        y[KINDS.index(obj.kind)] = 1
-        y[len(KINDS) + COLOURS.index(obj.colour)] = 1
-    y[len(KINDS) + len(COLOURS) + BACKGROUNDS.index(scene.background)] = 1
+        y[[INDEX[f"kind:{obj.kind}"], INDEX[f"colour:{obj.colour}"]]] = 1
+    y[INDEX[f"background:{scene.background}"]] = 1
     return y
 
 
@@ -75,7 +84,9 @@ def labelled_images(n: int, seed: int, style: Style, size: int) -> tuple[torch.T
     pixels, labels = [], []
     for i in range(n):
         scene = random_scene(rng)
-        pixels.append(draw_scene(scene.background, list(scene.objects), size=size, seed=seed * 7919 + i, style=style))
+        pixels.append(
+            draw_scene(scene.background, list(scene.objects), size=size, seed=seed * 7919 + i, style=style)
+        )
         labels.append(scene_labels(scene))
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
     return (x - mean) / std, torch.from_numpy(np.stack(labels))
@@ -84,27 +95,22 @@ def labelled_images(n: int, seed: int, style: Style, size: int) -> tuple[torch.T
 def recall_at_truth(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Per label group: of each picture's ``n`` true labels, the share among its top ``n`` scores."""
     out: dict[str, float] = {}
-    start = 0
-    for name, size in (("kinds", len(KINDS)), ("colours", len(COLOURS)), ("backgrounds", len(BACKGROUNDS))):
-        s, y = scores[:, start : start + size], labels[:, start : start + size]
+    for name, group in SLICES.items():
         hits = total = 0
-        for row, truth in zip(s, y, strict=True):
+        for row, truth in zip(scores[:, group], labels[:, group], strict=True):
             n = int(truth.sum())
             hits += int(truth[row.topk(n).indices].sum())
             total += n
         out[name] = hits / max(1, total)
-        start += size
     return out
 
 
 def chance_recall(labels: torch.Tensor) -> dict[str, float]:
     """What :func:`recall_at_truth` gives a random ranking."""
-    out: dict[str, float] = {}
-    start = 0
-    for name, size in (("kinds", len(KINDS)), ("colours", len(COLOURS)), ("backgrounds", len(BACKGROUNDS))):
-        out[name] = float(labels[:, start : start + size].sum(1).mean()) / size
-        start += size
-    return out
+    return {
+        name: float(labels[:, group].sum(1).mean()) / (group.stop - group.start)
+        for name, group in SLICES.items()
+    }
 
 
 def pretrain_encoder(
@@ -136,7 +142,11 @@ def pretrain_encoder(
     total = settings.steps
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / settings.warmup_steps) * 0.5 * (1 + float(np.cos(np.pi * min(step, total) / total)))
+        return (
+            min(1.0, (step + 1) / settings.warmup_steps)
+            * 0.5
+            * (1 + float(np.cos(np.pi * min(step, total) / total)))
+        )
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(settings.seed)

@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .make import is_world
+
 REFERENCE_FILE = "reference_scores.json"
 EXAMPLES = 8
 
@@ -82,8 +84,8 @@ def sandbox_section(run_root: Path) -> str:
     """This run's sandbox test scores beside the methods and bounds of docs/sandbox.md."""
     settings = _evaluate_settings(run_root)
     annotations = settings.get("annotations")
-    if not (annotations and (Path(str(annotations)).parent / "world.json").is_file()):
-        return ""  # not a sandbox world's benchmark (a world folder holds its world.json)
+    if not (annotations and is_world(Path(str(annotations)).parent)):
+        return ""  # not a sandbox world's benchmark
     scores_file = run_root / "eval" / str(settings.get("benchmark") or "") / "scores.json"
     ref = reference_scores()
     if not (scores_file.is_file() and ref):

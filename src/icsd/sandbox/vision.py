@@ -112,9 +112,9 @@ class SandboxVisionModel(PreTrainedModel):
         self.apply_frozen()
 
     def apply_frozen(self) -> SandboxVisionModel:
-        """No gradients and eval mode when the config says ``frozen``. Loading weights (``from_pretrained``,
-        or a saved captioner around this encoder) makes fresh parameters that want gradients again, so
-        every loader calls this after loading."""
+        """No gradients and eval mode when the config says ``frozen``. ``from_pretrained`` makes fresh
+        parameters that want gradients again, so :func:`.pretrain.load_encoder` calls this after
+        loading (training resumes by loading weights into a built model, which keeps them frozen)."""
         if self.config.frozen:
             self.requires_grad_(False)
             self.eval()
