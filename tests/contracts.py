@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from contract_base import Contract, contract_subclasses, missing_hook  # noqa: F401 (re-exported)
 from tiny_models import tiny_images
 
 from icsd.backends.captioners import CaptionerSpec, CaptionModel, build_caption_model, load_captioner
@@ -31,21 +32,13 @@ from icsd.backends.t2i import T2ISpec
 CAPTIONS = ["A dog sits on a couch.", "two cats   sleeping in the sun"]
 
 
-def contract_subclasses(base: type) -> list[type]:
-    found, todo = [], list(base.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return found
-
-
 # ----------------------------------------------------------------------------- captioner families
 
 
-class CaptionerContract:
+class CaptionerContract(Contract):
     """What every captioner family does: build, loss, text batch, generate, save, load."""
 
+    names = "preset"
     preset: ClassVar[str]
     min_new_tokens: ClassVar[int] = 3
     max_new_tokens: ClassVar[int] = 6
@@ -53,7 +46,7 @@ class CaptionerContract:
 
     def make_spec(self, parts: dict[str, Path]) -> CaptionerSpec:
         """The spec of a tiny model of the family (``parts``: tiny CLIP, BERT and GPT-2 folders)."""
-        raise NotImplementedError
+        raise missing_hook(self, "make_spec(self, parts)", "the CaptionerSpec of a tiny model of the family")
 
     @pytest.fixture(scope="class")
     def built(self, tiny_caption_parts: dict[str, Path]) -> CaptionModel:
@@ -172,15 +165,16 @@ class CaptionerContract:
 # ----------------------------------------------------------------------------- embedders
 
 
-class EmbedderContract:
+class EmbedderContract(Contract):
     """What every embedder does: (n, dim) float32 rows, L2-normalised, deterministic, order-free."""
 
+    names = "kind"
     kind: ClassVar[str]
 
     @pytest.fixture(scope="class")
     def model(self, request: pytest.FixtureRequest) -> str:
         """The tiny model's name or folder (override in the subclass)."""
-        raise NotImplementedError
+        raise missing_hook(self, "a class-scoped fixture model()", "the tiny model's name or folder")
 
     @pytest.fixture(scope="class")
     def embedder(self, model: str) -> Any:
@@ -228,17 +222,18 @@ class EmbedderContract:
 # ----------------------------------------------------------------------------- text-to-image backends
 
 
-class T2IContract:
+class T2IContract(Contract):
     """What every text-to-image backend does: prompts + per-item seeds -> images of the asked size,
     the same seed -> the same image whatever the batch, one NSFW flag per image."""
 
+    names = "backend"
     backend: ClassVar[str]
     steps: ClassVar[int] = 2
 
     @pytest.fixture(scope="class")
     def model(self, request: pytest.FixtureRequest) -> str:
         """The ``model`` argument the backend is given (override in the subclass)."""
-        raise NotImplementedError
+        raise missing_hook(self, "a class-scoped fixture model()", "the model argument the backend is given")
 
     @pytest.fixture(scope="class")
     def generator(self, model: str, tmp_path_factory: pytest.TempPathFactory) -> Any:

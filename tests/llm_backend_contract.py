@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from contract_base import Contract, missing_hook
 
 from icsd.llm import LLM_BACKENDS, BackendSpec, ChatAnswer, ChatBackend, ChatRequest, make_backend
 from icsd.llm.prompts import PromptSettings, answer_schema
@@ -33,14 +34,15 @@ def requests(schema: bool = True) -> list[ChatRequest]:
     return out
 
 
-class LLMBackendContract:
+class LLMBackendContract(Contract):
     """Subclass with ``backend_name = "..."`` and a ``spec`` fixture."""
 
+    names = "backend_name"
     backend_name: str = ""
 
     @pytest.fixture()
     def spec(self) -> BackendSpec:  # pragma: no cover - always overridden
-        raise NotImplementedError("a backend's contract tests override the spec fixture")
+        raise missing_hook(self, "a fixture spec()", "the BackendSpec of a small instance of the backend")
 
     @pytest.fixture()
     def backend(self, spec: BackendSpec) -> Iterator[ChatBackend]:

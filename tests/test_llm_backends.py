@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from contract_base import contract_subclasses
 from llm_backend_contract import LLMBackendContract
 from tiny_models import save_tiny_gpt2, tiny_caption_texts
 
@@ -36,6 +37,11 @@ def test_an_unknown_backend_is_a_config_error_naming_the_known_ones() -> None:
     with pytest.raises(ValidationError, match=r"unknown LLM backend 'opnai' \(did you mean 'openai'\?\); known: openai"):
         SummarizeConfig(backend="opnai")
     assert set(LLM_BACKENDS.names()) >= {"openai", "transformers", "vllm", "llama-cpp"}
+
+
+def test_every_registered_backend_has_a_contract_test() -> None:
+    tested = {cls.backend_name for cls in contract_subclasses(LLMBackendContract)}
+    assert set(LLM_BACKENDS.names()) <= tested, set(LLM_BACKENDS.names()) - tested
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import shutil
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic.fields import FieldInfo
@@ -28,7 +28,10 @@ from pydantic.fields import FieldInfo
 from .errors import UserError, write_failure_reason
 from .sandbox import cli as sandbox_cli
 
-app = typer.Typer(
+if TYPE_CHECKING:
+    from .stages._base import StageSpec
+
+APP_SETTINGS: dict[str, Any] = dict(
     name="icsd",
     help="Train image captioners on multi-context synthetic data only (ICSD, AAAI 2024).\n\n"
     "Run `icsd run` for the offline quickstart, or one stage at a time:\n\n"
@@ -41,9 +44,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+# the commands that are not stages (caption, run, compare, config, sandbox); build_app adds the stages
+commands = typer.Typer()
 config_app = typer.Typer(help="Inspect resolved settings.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-app.add_typer(sandbox_cli.app, name="sandbox")
+commands.add_typer(config_app, name="config")
+commands.add_typer(sandbox_cli.app, name="sandbox")
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -218,21 +223,24 @@ CONFIG_PARAM = inspect.Parameter(
 )
 
 
-def stage_command(
-    stage: str,
-    *,
-    run_param: inspect.Parameter = RUN_PARAM,
-    extra: tuple[inspect.Parameter, ...] = (),
-    finish: Callable[[Any, Path | None, dict[str, Any]], None] | None = None,
-) -> None:
-    """Register ``icsd <stage>``: options from the stage's config fields, help from its spec."""
-    from .stages import stage_spec
+def file_option(name: str, help_text: str) -> inspect.Parameter:
+    """``--name PATH`` (optional) of a stage command (``StageSpec.file_options``)."""
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Path | None, typer.Option(f"--{name.replace('_', '-')}", help=help_text)],
+    )
 
-    spec = stage_spec(stage)
+
+def stage_command(target: typer.Typer, spec: StageSpec) -> None:
+    """Register ``icsd <stage>``: options from the stage's config fields, help from its spec."""
+    stage = spec.name
     fields = spec.config.model_fields
+    extra = tuple(file_option(name, text) for name, text in spec.file_options)
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     params += [field_parameter(n, fields[n], positional=True) for n in spec.arguments]
-    params += [run_param]
+    params += [OPTIONAL_RUN_PARAM if spec.run_optional else RUN_PARAM]
     params += [field_parameter(n, f) for n, f in fields.items() if n not in spec.arguments]
     params += [*extra, CONFIG_PARAM]
     own = {p.name for p in extra} | {"ctx", "run", "config"}
@@ -248,50 +256,32 @@ def stage_command(
         with run_dir_guard(run):
             resolved = resolve(kw["config"], overrides, run, stage=stage, flags=flags)
             cfg = getattr(resolved.config, stage)
-            if finish is not None:
-                finish(cfg, run, {p.name: kw[p.name] for p in extra})
-                return
-            assert run is not None
-            _done(spec.run(cfg, RunDir.at(run)))
+            if spec.main is not None:
+                result = spec.main(cfg, run, {p.name: kw[p.name] for p in extra})
+            else:
+                assert run is not None
+                result = spec.run(cfg, RunDir.at(run))
+        table = getattr(result, "table", None)
+        if table:
+            typer.echo(table)
+        _done(result)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = spec.summary
     command.__name__ = stage
-    app.command(stage, context_settings=EXTRA_ARGS, epilog=_epilog(spec.examples))(command)
+    target.command(stage, context_settings=EXTRA_ARGS, epilog=_epilog(spec.examples))(command)
 
 
-for _stage in ("ingest", "embed", "group", "summarize", "render", "score", "pairs", "train"):
-    stage_command(_stage)
+def add_stage_commands(target: typer.Typer) -> None:
+    """One command per registered stage, in chain order (plugin stages included)."""
+    from .stages import loaded_specs
+
+    for spec in loaded_specs():
+        stage_command(target, spec)
 
 
-# ----------------------------------------------------------------------------- evaluate, report
 
-
-def _finish_evaluate(cfg: Any, run: Path | None, extra: dict[str, Any]) -> None:
-    from .stages import evaluate as evaluate_stage
-
-    result = evaluate_stage.main(cfg, run, extra["out"])
-    typer.echo(result.table)
-    _done(result)
-
-
-stage_command(
-    "evaluate",
-    run_param=OPTIONAL_RUN_PARAM,
-    extra=(
-        inspect.Parameter(
-            "out",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Path | None, typer.Option(help="Write scores.json here.")],
-        ),
-    ),
-    finish=_finish_evaluate,
-)
-stage_command("report")
-
-
-@app.command(
+@commands.command(
     epilog="Examples:\n\n"
     "  icsd caption --model runs/coco/train/best photo.jpg\n\n"
     "  icsd caption --model runs/coco/train/best 'photos/*.jpg' --out captions.jsonl\n\n"
@@ -328,13 +318,13 @@ def caption(
 # ----------------------------------------------------------------------------- whole chain
 
 
-@app.command(
+@commands.command(
     "run",
     context_settings=EXTRA_ARGS,
     options_metavar="[CONFIG] [OPTIONS] [--stage.key VALUE ...]",
     epilog="Examples:\n\n"
     "  icsd run                                    # the offline quickstart (CPU, no downloads)\n\n"
-    "  icsd run configs/icsd_coco.yaml --run runs/coco\n\n"
+    "  icsd run configs/icsd_coco.yaml --run runs/coco     # or: icsd run -c configs/icsd_coco.yaml\n\n"
     "  icsd run configs/icsd_coco.yaml --from render --to train\n\n"
     "  icsd run --render.model CompVis/stable-diffusion-v1-4 --render.size 512\n\n"
     "  icsd run configs/icsd_coco.yaml --force summarize\n\n"
@@ -347,6 +337,9 @@ def run_chain(
     stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[
         list[str] | None, typer.Option("--force", help="Redo this stage from scratch (repeatable).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Pipeline config YAML (the same as CONFIG).")
     ] = None,
     rehearse: Annotated[
         bool,
@@ -368,6 +361,9 @@ def run_chain(
     from . import pipeline
 
     config_file, overrides = split_run_args(list(ctx.args))
+    if config is not None and config_file is not None:
+        raise UserError(f"two configs given ({config_file} and -c {config}); pass one")
+    config_file = config if config is not None else config_file
     if rehearse:
         from .rehearse import rehearse as run_rehearsal
 
@@ -454,7 +450,7 @@ def config_show(
         typer.echo(f"{line}  # {resolved.origin(f'{stage}.{key}')}" if origin else line)
 
 
-@app.command(
+@commands.command(
     epilog="Examples:\n\n"
     "  icsd compare runs/icsd_coco runs/uni_coco\n\n"
     "  icsd compare runs/* --metric CIDEr --csv > table.csv"
@@ -475,6 +471,18 @@ def compare(
         typer.echo(cmp.to_csv(columns, rows), nl=False)
     else:
         typer.echo(cmp.to_markdown(columns, rows))
+
+
+def build_app() -> typer.Typer:
+    """The command line over the stages registered now: one command per stage, then the others."""
+    built = typer.Typer(**APP_SETTINGS)
+    add_stage_commands(built)
+    built.registered_commands += commands.registered_commands
+    built.registered_groups += commands.registered_groups
+    return built
+
+
+app = build_app()
 
 
 def main() -> None:

@@ -6,12 +6,14 @@ holds one of each. Unknown keys, wrong types and impossible values are rejected 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import UserError
 
@@ -473,32 +475,50 @@ class ReportConfig(StageConfig):
 
 
 class PipelineConfig(StageConfig):
+    """The whole-chain settings: ``name``, ``run_dir`` and one block per registered stage (its
+    config model). The model with the stage blocks is built from the stage registry
+    (:func:`pipeline_model`); this base only types what every chain config has."""
+
     name: str = Field(default="run", description="Run name (the run directory defaults to runs/<name>).")
     run_dir: str | None = Field(default=None, description="Run directory.")
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    group: GroupConfig = Field(default_factory=GroupConfig)
-    summarize: SummarizeConfig = Field(default_factory=SummarizeConfig)
-    render: RenderConfig = Field(default_factory=RenderConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    pairs: PairsConfig = Field(default_factory=PairsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    if TYPE_CHECKING:  # a stage's block: ``cfg.render``, ``cfg.train``, ... (one per registered stage)
+
+        def __getattr__(self, stage: str) -> Any: ...
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "ingest": IngestConfig,
-    "embed": EmbedConfig,
-    "group": GroupConfig,
-    "summarize": SummarizeConfig,
-    "render": RenderConfig,
-    "score": ScoreConfig,
-    "pairs": PairsConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "report": ReportConfig,
-}
+class _StageConfigs(Mapping[str, type[StageConfig]]):
+    """Stage name -> config model, in chain order, read from the registered stages' specs (so a
+    stage registered by a plugin or at run time has its section like the built-in ones)."""
+
+    def _table(self) -> dict[str, type[StageConfig]]:
+        from .stages import loaded_specs
+
+        return {spec.name: spec.config for spec in loaded_specs()}
+
+    def __getitem__(self, stage: str) -> type[StageConfig]:
+        return self._table()[stage]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+STAGE_CONFIGS: Mapping[str, type[StageConfig]] = _StageConfigs()
+
+
+@lru_cache(maxsize=8)
+def _pipeline_model(stages: tuple[tuple[str, type[StageConfig]], ...]) -> type[PipelineConfig]:
+    blocks: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in stages}
+    made: type[PipelineConfig] = create_model("PipelineConfig", __base__=PipelineConfig, **blocks)
+    return made
+
+
+def pipeline_model() -> type[PipelineConfig]:
+    """The whole-chain config model of the stages registered now."""
+    return _pipeline_model(tuple(STAGE_CONFIGS.items()))
 
 
 DEFAULT_SOURCE = "default"
@@ -726,7 +746,7 @@ def resolve_layers(layers: list[Layer]) -> Resolved:
         merged = deep_merge(merged, layer.data)
         origins.update({k: layer.source for k in leaves(layer.data)})
     try:
-        cfg = PipelineConfig.model_validate(resolve_package_paths(merged))
+        cfg = pipeline_model().model_validate(resolve_package_paths(merged))
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, origins)) from None
     return Resolved(cfg, origins)
@@ -760,19 +780,6 @@ def stage_config(
 ) -> Any:
     """One stage's resolved settings (see :func:`resolve`); ``overrides`` are that stage's flags."""
     return getattr(resolve(file, None, run_dir, stage=stage, flags=overrides).config, stage)
-
-
-def pipeline_config(file: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """The whole-chain config from YAML with dotted overrides (``{"render.model": "..."}``)."""
-    return resolve(file, overrides).config
-
-
-def build(model: type[StageConfig], data: dict[str, Any], source: str = "config") -> Any:
-    """Validate ``data`` into ``model``; errors become one-line :class:`UserError`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc).replace("invalid settings", f"invalid {source}")) from None
 
 
 def to_yaml(resolved: Resolved, with_origin: bool = False) -> str:

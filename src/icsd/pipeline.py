@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import PKG_PREFIX, PipelineConfig, lasting, package_file, quickstart_config_path, resolve
 from .errors import UserError
-from .stages import stage_names, stage_spec
+from .stages import loaded_specs, stage_names, stage_spec
 from .stages._base import StageSpec
 from .store import RunDir, atomic_write_json, hash_obj, input_hashes
 
@@ -46,17 +46,9 @@ def default_run_dir(cfg: PipelineConfig) -> Path:
 
 
 def enabled_stages(cfg: PipelineConfig) -> list[str]:
-    """The stages this config runs: score only with a CLIP model, evaluate only with references,
-    and no grouping or LLM for the uni-context baseline (one image per original caption)."""
-    stages = list(order())
-    if cfg.render.prompts == "captions" and set(cfg.pairs.kinds) == {"uni"}:
-        for text_stage in ("embed", "group", "summarize"):
-            stages.remove(text_stage)
-    if not cfg.score.model:
-        stages.remove("score")
-    if not (cfg.evaluate.annotations or cfg.evaluate.predictions):
-        stages.remove("evaluate")
-    return stages
+    """The stages this config runs: each stage's spec says when it is wanted (score only with a CLIP
+    model, evaluate only with references, no grouping or LLM for the uni-context baseline)."""
+    return [spec.name for spec in loaded_specs() if spec.wanted is None or spec.wanted(cfg)]
 
 
 def prepared(spec: StageSpec, cfg: PipelineConfig, run: RunDir, changed: bool = False) -> Any:
@@ -167,13 +159,3 @@ def run(
     result.seconds = time.perf_counter() - t0
     return result
 
-
-def run_file(
-    file: str | Path | None,
-    overrides: dict[str, Any] | None = None,
-    run_dir: str | Path | None = None,
-    **kw: Any,
-) -> PipelineResult:
-    """``icsd run [CONFIG]`` as a function: load the config (or the quickstart) and run it."""
-    cfg = load_config(file, overrides, run_dir)
-    return run(cfg, run_dir, **kw)

@@ -998,6 +998,3 @@ def load_captioner(path: str, device: str = "auto") -> Captioner:
     model.to(dev).eval()
     return Captioner(model, tokenizer, processor, family=family, prompt=prompt, device=dev)
 
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -1,7 +1,9 @@
 """The registries of the swappable model parts: text-to-image backends, embedders, captioner families.
 
 Entries are registered lazily as ``"module:attribute"``: listing the names or validating a config
-against them imports no torch and no backend. Adding a part is its module plus one line here.
+against them imports no torch and no backend. Adding a part is its module plus one line here, or an
+entry point in another package (groups ``icsd.t2i_backends``, ``icsd.embedders``, ``icsd.captioners``;
+see docs/plugins.md).
 
 - a text-to-image backend is a class with ``prepare(model, cache) -> str`` (what to load, checked
   or built now) and ``load(spec, device)`` returning a generator whose
@@ -20,17 +22,17 @@ from typing import Any
 from ..errors import UserError
 from ..registry import Registry
 
-T2I_BACKENDS: Registry[Any] = Registry("text-to-image backend")
+T2I_BACKENDS: Registry[Any] = Registry("text-to-image backend", "icsd.t2i_backends")
 T2I_BACKENDS.register("diffusers", "icsd.backends.t2i:DiffusersBackend")
 T2I_BACKENDS.register("tiny-random", "icsd.backends.t2i:TinyRandomBackend")
 T2I_BACKENDS.register("sandbox", "icsd.sandbox.renderer:SandboxRenderer")
 T2I_BACKENDS.register("sandbox-camera", "icsd.sandbox.renderer:SandboxCamera")
 
-EMBEDDERS: Registry[Any] = Registry("embedder kind")
+EMBEDDERS: Registry[Any] = Registry("embedder kind", "icsd.embedders")
 EMBEDDERS.register("sentence-transformers", "icsd.backends.embedders:SentenceTransformerEmbedder")
 EMBEDDERS.register("clip", "icsd.backends.embedders:CLIPTextEmbedder")
 
-CAPTIONERS: Registry[Any] = Registry("captioner preset")
+CAPTIONERS: Registry[Any] = Registry("captioner preset", "icsd.captioners")
 CAPTIONERS.register("icsd", "icsd.backends.captioners:IcsdCaptioner")
 CAPTIONERS.register("prefix", "icsd.backends.captioners:PrefixCaptioner")
 CAPTIONERS.register("tiny", "icsd.backends.captioners:TinyCaptioner")

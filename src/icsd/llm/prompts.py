@@ -106,11 +106,6 @@ def prompt_hash(text: str, settings: PromptSettings) -> str:
     return hash_text(payload)
 
 
-def bundled_template_text(mode: Mode) -> str:
-    name = DEFAULT_PROMPT[mode]
-    return resources.files("icsd").joinpath("prompts", PROMPT_FILES[name]).read_text(encoding="utf-8")
-
-
 def named_template(name: str, settings: PromptSettings) -> PromptTemplate:
     """A bundled template by its name (``official``, ``icsd``, ``first-n``)."""
     if name == "official":

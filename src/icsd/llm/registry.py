@@ -15,7 +15,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from .base import BackendSpec, ChatBackend
 
-LLM_BACKENDS: Registry[Any] = Registry("LLM backend")
+LLM_BACKENDS: Registry[Any] = Registry("LLM backend", "icsd.llm_backends")
 LLM_BACKENDS.register("openai", "icsd.llm.openai:OpenAIBackend")
 LLM_BACKENDS.register("transformers", "icsd.llm.transformers_backend:TransformersBackend")
 LLM_BACKENDS.register("vllm", "icsd.llm.vllm_backend:VLLMBackend")

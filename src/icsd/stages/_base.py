@@ -38,6 +38,11 @@ class StageSpec:
     changed)`` fills in what only the chain knows (a fresh start for training whose inputs changed,
     the checkpoint to evaluate). ``summary`` and ``examples`` are the command's ``--help``;
     ``arguments`` names config fields taken as positional arguments (``icsd ingest CORPUS``).
+    ``wanted(pipeline_cfg)`` says whether ``icsd run`` runs the stage under a whole-chain config
+    (default: always). A command that may run without a run directory sets ``run_optional``, its
+    own extra file options in ``file_options`` (``(name, help)``: ``--name PATH``) and ``main(cfg,
+    run_dir_or_None, {name: path})``, which it calls instead of ``run``; a result with a ``table``
+    attribute has it printed before the closing line.
     """
 
     name: str
@@ -50,6 +55,17 @@ class StageSpec:
     prepare: Callable[[Any, RunDir, bool], Any] | None = None
     arguments: tuple[str, ...] = ()
     always_rerun: bool = False
+    wanted: Callable[[Any], bool] | None = None
+    run_optional: bool = False
+    file_options: tuple[tuple[str, str], ...] = ()
+    main: Callable[[Any, Path | None, dict[str, Any]], StageResult] | None = None
+
+
+def multi_context(pipeline_cfg: Any) -> bool:
+    """False for the uni-context baseline (one image per original caption, paired only with it),
+    which needs no embedding, grouping or LLM."""
+    uni = pipeline_cfg.render.prompts == "captions" and set(pipeline_cfg.pairs.kinds) == {"uni"}
+    return not uni
 
 
 class Timer:

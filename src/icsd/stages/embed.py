@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..executor import Progress, ShardTask, Worker, device_for_worker, run_tasks
 from ..records import embeddings_table
 from ..store import RunDir, mark_done, read_parquet, remove_stale_parts, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ def run(cfg: EmbedConfig, run: RunDir) -> StageResult:
 
 SPEC = StageSpec(
     name="embed",
+    wanted=multi_context,
     config=EmbedConfig,
     run=run,
     inputs=lambda cfg, run: [run.captions],

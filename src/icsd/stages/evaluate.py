@@ -329,6 +329,10 @@ def main(cfg: EvaluateConfig, run_dir: Path | None = None, out: Path | None = No
     return result
 
 
+def _command(cfg: EvaluateConfig, run_dir: Path | None, files: dict[str, Any]) -> EvalResult:
+    return main(cfg, run_dir, files.get("out"))
+
+
 def evaluate_to(cfg: EvaluateConfig, out: Path | None = None) -> EvalResult:
     """Evaluate without a run directory: scores.json to ``out`` (when given), with the predictions
     beside it (``<out stem>.predictions.json``) when they were made here by ``--model``."""
@@ -368,6 +372,10 @@ def _prepare(cfg: EvaluateConfig, run: RunDir, changed: bool) -> EvaluateConfig:
 
 SPEC = StageSpec(
     name="evaluate",
+    run_optional=True,
+    file_options=(("out", "Write scores.json here."),),
+    main=_command,
+    wanted=lambda cfg: bool(cfg.evaluate.annotations or cfg.evaluate.predictions),
     config=EvaluateConfig,
     run=run,
     inputs=_inputs,

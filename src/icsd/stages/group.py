@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..knn import IndexSpec, candidate_sets, exact_topk, recall_at_k, set_threads, torch_candidate_sets
 from ..records import CANDIDATES_SCHEMA
 from ..store import RunDir, read_embeddings, read_parquet, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
 
 
 def candidates_table(ids: list[str], member_idx: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> pa.Table:
@@ -116,6 +116,7 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
 
 SPEC = StageSpec(
     name="group",
+    wanted=multi_context,
     config=GroupConfig,
     run=run,
     inputs=lambda cfg, run: [run.captions, run.embeddings],

@@ -86,6 +86,7 @@ def run(cfg: ScoreConfig, run: RunDir) -> StageResult:
 
 SPEC = StageSpec(
     name="score",
+    wanted=lambda cfg: bool(cfg.score.model),
     config=ScoreConfig,
     run=run,
     inputs=lambda cfg, run: [run.images, run.selections, run.captions],

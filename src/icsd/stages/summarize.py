@@ -55,7 +55,7 @@ from ..llm.prompts import (
 )
 from ..records import SELECTION_STATUSES, SELECTIONS_SCHEMA, Selection, from_table
 from ..store import RunDir, hash_text, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
 
 STAGE = "summarize"
 PART_PATTERN = "part-*.parquet"
@@ -684,6 +684,7 @@ def _run_as_tasks(
 
 SPEC = StageSpec(
     name="summarize",
+    wanted=multi_context,
     config=SummarizeConfig,
     run=run,
     inputs=lambda cfg, run: [run.candidates, run.captions],
