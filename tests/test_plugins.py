@@ -1,0 +1,155 @@
+"""Plugins through entry points: the example package (examples/plugins), installed with pip into a
+folder of its own, runs through `icsd summarize`, `icsd render` and `icsd run` with no change to
+icsd; its entries pass the registries' contracts; a plugin that fails to import is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from contracts import T2IContract
+from llm_backend_contract import LLMBackendContract
+from plugins import EXAMPLE, env_with, on_sys_path, pip_install
+from stage_contract import StageContract
+
+from icsd.llm import LLM_BACKENDS, BackendSpec, GenerationParams
+
+
+@pytest.fixture(scope="session")
+def installed_plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pip_install(EXAMPLE, tmp_path_factory.mktemp("plugins") / "site")
+
+
+@pytest.fixture(scope="module")
+def active_plugins(installed_plugins: Path) -> Iterator[Path]:
+    with on_sys_path(installed_plugins):
+        yield installed_plugins
+
+
+@pytest.fixture(autouse=True)
+def _plugins_here(active_plugins: Path) -> None:
+    """Every test of this module sees the example plugins; other modules do not."""
+
+
+def icsd(*args: str, env: dict[str, str], ok: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "icsd.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    if ok:
+        assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
+    return done
+
+
+# ----------------------------------------------------------------------------- the registries' contracts
+
+
+class TestOverlapPlugin(LLMBackendContract):
+    backend_name = "overlap"
+
+    @pytest.fixture()
+    def spec(self) -> BackendSpec:
+        return BackendSpec(backend="overlap", model="any", params=GenerationParams(max_new_tokens=16))
+
+
+class TestGradientPlugin(T2IContract):
+    backend = "gradient"
+
+    @pytest.fixture(scope="class")
+    def model(self) -> str:
+        return "none"
+
+
+class TestWordstatsPlugin(StageContract):
+    stage = "wordstats"
+
+
+def test_listing_the_plugins_reads_metadata_only(installed_plugins: Path) -> None:
+    plugin = LLM_BACKENDS.plugin("overlap")
+    assert plugin is not None and plugin.package == "icsd-example-plugins"
+    assert LLM_BACKENDS.plugin("openai") is None
+    code = (
+        "import sys\n"
+        "from icsd.backends.registry import T2I_BACKENDS\n"
+        "from icsd.llm import LLM_BACKENDS\n"
+        "from icsd.stages import STAGES\n"
+        "assert 'overlap' in LLM_BACKENDS.names() and 'gradient' in T2I_BACKENDS and 'wordstats' in STAGES\n"
+        "loaded = [m for m in sys.modules if m.startswith(('icsd_example_plugins', 'torch', 'numpy'))]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_with(installed_plugins))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- end to end, as a user would
+
+
+def test_an_installed_plugin_package_runs_through_the_cli(
+    installed_plugins: Path, tmp_path: Path, coco_slice: Path, tiny_sentence_model: Path
+) -> None:
+    env = env_with(installed_plugins)
+    run = tmp_path / "run"
+    config = tmp_path / "chain.yaml"
+    config.write_text(
+        f"ingest: {{corpus: {coco_slice}}}\nembed: {{model: {tiny_sentence_model}}}\ngroup: {{k: 8}}\n"
+        "summarize: {backend: overlap}\nrender: {backend: gradient, size: 32, steps: 1}\n"
+    )
+    icsd("run", "-c", str(config), "--run", str(run), "--to", "group", env=env)
+
+    out = icsd("summarize", "--run", str(run), "--backend", "overlap", "--limit", "12", env=env).stdout
+    assert "summarize:" in out
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run / "selections.parquet").to_pylist()
+    assert len(rows) == 12 and all(r["status"] == "ok" and r["model"] == "word-overlap" for r in rows)
+    assert all(len(r["selected_ids"]) == 8 for r in rows)
+
+    out = icsd("render", "--run", str(run), "--backend", "gradient", "--size", "32", env=env).stdout
+    assert "render: images 12" in out
+    meta = json.loads((run / "manifest.json").read_text())["stages"]["render"]
+    assert meta["models"]["text_to_image"] == "gradient"
+
+    out = icsd("run", "-c", str(config), "--run", str(run), "--from", "wordstats", "--wordstats.top", "3", env=env)
+    assert "wordstats: captions 300" in out.stdout and "run: 1 stage(s) ran" in out.stdout
+    stats = json.loads((run / "wordstats.json").read_text())
+    assert stats["captions"] == 300 and len(stats["top"]) == 3
+
+
+def test_a_plugin_stage_is_a_command_with_its_settings(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from icsd.cli import build_app
+
+    app, runner = build_app(), CliRunner()
+    assert "wordstats" in runner.invoke(app, ["--help"]).output
+    shown = runner.invoke(app, ["config", "show", "--stage", "wordstats", "--wordstats.top", "3", "--origin"])
+    assert shown.output.splitlines() == ["wordstats.top: 3  # the command line", "wordstats.min_length: 1  # default"]
+    assert "--min-length" in runner.invoke(app, ["wordstats", "--help"]).output
+
+
+def test_a_plugin_that_fails_to_import_is_one_line_and_help_still_works(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    info = site / "broken_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[icsd.llm_backends]\nbroken = broken_plugin_missing.llm:Backend\n\n"
+        "[icsd.stages]\nbrokenstage = broken_plugin_missing.stage:SPEC\n"
+    )
+    env = env_with(site)
+    shown = icsd("--help", env=env)
+    assert "summarize" in shown.stdout and "brokenstage" not in shown.stdout
+    warning = [line for line in shown.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1 and "broken-plugin" in warning[0] and "brokenstage" in warning[0], shown.stderr
+
+    from icsd.errors import UserError
+    from icsd.llm import make_backend
+
+    with on_sys_path(site), pytest.raises(UserError) as info:
+        make_backend(BackendSpec(backend="broken", model="any"))
+    error = str(info.value)
+    assert error.startswith("LLM backend 'broken' from plugin broken-plugin (entry point broken = ")
+    assert "ModuleNotFoundError" in error and "\n" not in error
