@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,11 +60,15 @@ def is_clip_model(name: str) -> bool:
 
 def detect_kind(name: str) -> str:
     """The first registered kind that claims ``name``; else the first registered (sentence-transformers)."""
-    for kind in EMBEDDERS.names():
-        claims = getattr(EMBEDDERS.get(kind), "claims", None)
+    for kind, cls in EMBEDDERS.loadable(warn):
+        claims = getattr(cls, "claims", None)
         if claims is not None and claims(name):
             return kind
     return EMBEDDERS.names()[0]
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:

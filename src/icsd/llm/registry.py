@@ -2,7 +2,8 @@
 
 Entries are registered lazily as ``"module:attribute"``: listing the names or validating a config
 imports neither torch nor vLLM nor llama.cpp nor the openai client. A new backend is a :class:`~icsd.llm.base.ChatBackend`
-subclass in its own module, one line here, and a test class that subclasses
+subclass in its own module, one line here (or an entry point of group ``icsd.llm_backends`` in
+another package: docs/plugins.md), and a test class that subclasses
 ``tests/llm_backend_contract.py:LLMBackendContract``.
 """
 
