@@ -190,13 +190,31 @@ def _flag_value(info: FieldInfo, value: Any) -> Any:
 @contextlib.contextmanager
 def run_dir_guard(run: Path | None) -> Iterator[None]:
     """A command that fails leaves no run directory of its own making behind (an empty one)."""
+    from .locks import LOCK_DIR
+
     created = run is not None and not run.exists()
     try:
         yield
     except BaseException:
-        if created and run is not None and run.is_dir() and not any(run.iterdir()):
+        if created and run is not None and run.is_dir() and not any(p.name != LOCK_DIR for p in run.iterdir()):
             shutil.rmtree(run, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(run: Path | None, stage: str) -> Iterator[None]:
+    """A stage command's hold on what it writes (readers, and commands without a run, hold nothing)."""
+    from . import interrupt, locks
+
+    interrupt.at(stage)
+    if run is None or stage in READERS:
+        yield
+        return
+    with locks.stage_writer(run, stage):
+        yield
+
+
+READERS = ("report",)
 
 
 RUN_PARAM = inspect.Parameter(
@@ -256,11 +274,12 @@ def stage_command(target: typer.Typer, spec: StageSpec) -> None:
         with run_dir_guard(run):
             resolved = resolve(kw["config"], overrides, run, stage=stage, flags=flags)
             cfg = getattr(resolved.config, stage)
-            if spec.main is not None:
-                result = spec.main(cfg, run, {p.name: kw[p.name] for p in extra})
-            else:
-                assert run is not None
-                result = spec.run(cfg, RunDir.at(run))
+            with writing(run, stage):
+                if spec.main is not None:
+                    result = spec.main(cfg, run, {p.name: kw[p.name] for p in extra})
+                else:
+                    assert run is not None
+                    result = spec.run(cfg, RunDir.at(run))
         table = getattr(result, "table", None)
         if table:
             typer.echo(table)
@@ -365,9 +384,10 @@ def run_chain(
         raise UserError(f"two configs given ({config_file} and -c {config}); pass one")
     config_file = config if config is not None else config_file
     if rehearse:
+        from .locks import run_writer
         from .rehearse import rehearse as run_rehearsal
 
-        with run_dir_guard(run):
+        with run_dir_guard(run), run_writer(run) if run is not None else contextlib.nullcontext():
             rehearsal = run_rehearsal(config_file, overrides, run, echo=typer.echo)
         typer.echo(rehearsal.table)
         typer.echo(f"rehearsal: {rehearsal.document['wall_seconds']:.0f}s -> {rehearsal.path}")
@@ -487,8 +507,10 @@ app = build_app()
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    from . import interrupt
     from .console import quiet_libraries
 
+    interrupt.install()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     for stream in (sys.stdout, sys.stderr):
@@ -500,9 +522,11 @@ def main() -> None:
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished parts are kept; run the same command again to resume", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and interrupt.received() is None:
+            raise
+        typer.echo(interrupt.closing_line(), err=True)  # (Typer turns an interrupt into exit 130)
+        sys.exit(interrupt.exit_code())
     except Exception as exc:
         reason = write_failure_reason(exc)
         if reason is None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import queue
+import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -28,6 +30,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from . import interrupt
 from .errors import UserError
 from .store import is_done
 
@@ -111,14 +114,17 @@ def run_tasks(
     todo, skipped = pending(tasks)
     total = sum(t.size for t in tasks)
     already = total - sum(t.size for t in todo)
+    if skipped and todo and not quiet:
+        tqdm.write(f"{desc}: resuming: {skipped} of {len(tasks)} shards already done, {len(todo)} to go", file=sys.stderr)
+    interrupt.at(f"{desc} ({skipped} of {len(tasks)} shards done)")
     bar = tqdm(total=total, initial=already, desc=desc, unit=unit, disable=quiet or None, dynamic_ncols=True)
     try:
         if not todo:
             results: list[dict[str, Any]] = []
         elif executor == "inline" or (executor == "process" and workers <= 1):
-            results = _run_inline(todo, factory, bar)
+            results = _run_inline(todo, factory, bar, desc)
         elif executor == "process":
-            results = _run_process_pool(todo, factory, workers, bar)
+            results = _run_process_pool(todo, factory, workers, bar, desc)
         elif executor == "ray":
             from .ray_executor import run_ray
 
@@ -130,7 +136,7 @@ def run_tasks(
     return RunResult(results=results, skipped=skipped, seconds=time.perf_counter() - start)
 
 
-def _run_inline(todo: Sequence[ShardTask], factory: WorkerFactory, bar: Any) -> list[dict[str, Any]]:
+def _run_inline(todo: Sequence[ShardTask], factory: WorkerFactory, bar: Any, desc: str = "") -> list[dict[str, Any]]:
     worker = factory(0)
     results = []
     for task in todo:
@@ -138,7 +144,13 @@ def _run_inline(todo: Sequence[ShardTask], factory: WorkerFactory, bar: Any) -> 
             results.append(worker(task, bar.update))
         except Exception as exc:
             raise shard_failure(task.key, exc) from exc
+        finished(desc, len(results), todo)
     return results
+
+
+def finished(desc: str, count: int, todo: Sequence[ShardTask]) -> None:
+    """Record how far the run got, for the line an interrupt prints."""
+    interrupt.at(f"{desc} ({count} of the {len(todo)} shards to do finished)")
 
 
 # ----------------------------------------------------------------------------- process pool
@@ -149,6 +161,8 @@ _progress_q: Any = None
 
 def _init_process(factory: WorkerFactory, index_q: Any, progress_q: Any) -> None:
     global _worker, _progress_q
+    # Ctrl-C reaches the whole process group: the parent decides (its pool finishes the shards in flight)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _progress_q = progress_q
     _worker = factory(index_q.get())
 
@@ -164,7 +178,7 @@ def _run_in_process(task: ShardTask) -> dict[str, Any]:
 
 
 def _run_process_pool(
-    todo: Sequence[ShardTask], factory: WorkerFactory, workers: int, bar: Any
+    todo: Sequence[ShardTask], factory: WorkerFactory, workers: int, bar: Any, desc: str = ""
 ) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
@@ -204,6 +218,7 @@ def _run_process_pool(
                     queued.clear()
                     continue
                 results.append(fut.result())
+                finished(desc, len(results), todo)
                 if queued:
                     nxt = queued.popleft()
                     running[pool.submit(_run_in_process, nxt)] = nxt

@@ -6,7 +6,8 @@ A stage is skipped when it finished before with the same settings and the same i
 its outputs are still there: the pipeline records, per stage, the hash of the stage's resolved
 config (one-invocation settings left out) and of the files its spec names as inputs. A changed
 stage reruns; the files it rewrites change the inputs of the stages after it, so they rerun too.
-Stages resume their own unfinished parts, so an interrupted ``icsd run`` continues.
+Stages resume their own unfinished parts, so an interrupted ``icsd run`` continues. One ``icsd run``
+at a time writes a run folder (:mod:`icsd.locks`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import interrupt
 from .config import PKG_PREFIX, PipelineConfig, lasting, package_file, quickstart_config_path, resolve
 from .errors import UserError
+from .locks import run_writer
 from .stages import loaded_specs, stage_names, stage_spec
 from .stages._base import StageSpec
 from .store import RunDir, atomic_write_json, hash_obj, input_hashes
@@ -138,8 +141,18 @@ def run(
         raise UserError(f"unknown stage(s) for --force: {', '.join(sorted(unknown))}")
     stages = select_stages(enabled_stages(cfg), start, stop)
     rd = RunDir.at(run_path)
+    with run_writer(rd.root):
+        result = run_stages(cfg, rd, stages, forced, echo)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def run_stages(
+    cfg: PipelineConfig, rd: RunDir, stages: list[str], forced: set[str], echo: Callable[[str], None]
+) -> PipelineResult:
     result = PipelineResult(run=rd)
     for stage in stages:
+        interrupt.at(stage)
         spec = stage_spec(stage)
         if stage in forced:
             remove_outputs(spec, rd)
@@ -156,6 +169,5 @@ def run(
         for note in getattr(stage_result, "notes", []):
             echo(note)
         echo(stage_result.summary())
-    result.seconds = time.perf_counter() - t0
     return result
 

@@ -348,6 +348,13 @@ class AiohttpTransport:
         await self.session.close()
 
 
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for every one to end, retrieving each outcome."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Transport(Protocol):
     async def post(self, turn: int, body: dict[str, Any], timeout: float) -> HttpResult: ...
 
@@ -576,11 +583,14 @@ class OpenAIBackend(ChatBackend):
                     raise FatalBackendError(redact(str(exc), key) or "") from None
 
         pumping = asyncio.create_task(pump())
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
-            await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+            await asyncio.gather(*workers)
             batch.extend(watch.release())  # fewer answers than the watch waits for
         finally:
-            pumping.cancel()
+            # one worker failed (or the run was cancelled): stop the others and wait until they
+            # have stopped, so none is left using the client once it is closed, nor unretrieved
+            await cancel_all([*workers, pumping])
             hand_over()
             await transport.close()
 
@@ -651,10 +661,12 @@ class OpenAIBackend(ChatBackend):
             wait: float | None = None
             index = next(turn) % len(self.servers)
             server = self.servers[index]
+            refused = False
             try:
                 res, fmt = await self._send(request, transport, index)
             except TransportError as exc:
                 last_error = str(exc)
+                refused = exc.refused
                 if exc.refused and not server.reached:
                     raise FatalBackendError(f"nothing listens at {server.url} (connection refused): is the server running?") from None
                 server.reached = server.reached or exc.reached
@@ -691,6 +703,11 @@ class OpenAIBackend(ChatBackend):
                 if not any(s.reached for s in self.servers):
                     urls = ", ".join(s.url for s in self.servers)
                     raise FatalBackendError(f"cannot reach the server at {urls}: {last_error}; is it running?")
+                if refused:  # it answered before and listens no more: every request left would fail
+                    raise FatalBackendError(
+                        f"the server at {server.url} stopped answering (connection refused): is it still "
+                        "running? finished groups are kept; run the same command to resume"
+                    )
                 return ChatAnswer(error=f"gave up after {attempt + 1} attempts: {last_error}", attempts=attempt + 1)
             if wait is None:
                 wait = backoff_delay(attempt, self.backoff, self.max_backoff, self._rng)

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,16 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     numpy_state: list[Any] = meta["numpy"]
     name, keys, pos, has_gauss, cached = numpy_state
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a stretch (a validation) without moving any generator the training draws from."""
+    tensors, meta = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(tensors, meta)
 
 
 def save_rng(folder: Path, rank: int) -> None:

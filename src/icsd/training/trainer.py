@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import interrupt
 from ..backends.captioners import CaptionerSpec, CaptionModel, build_caption_model
 from ..caption import skipped_note
 from ..config import TrainConfig
@@ -223,6 +224,26 @@ def precompute_features(run: RunDir, data: TrainData, cm: CaptionModel, spec: Ca
     return [str(folder / name) for name in data.shards]
 
 
+# ----------------------------------------------------------------------------- the logged window
+
+
+def restored_window(saved: dict[str, Any] | None, device: str) -> dict[str, Any]:
+    """The running sums of the next ``metrics.jsonl`` record (those of a checkpoint, when resumed),
+    so a record logged after a resume averages the same steps as an uninterrupted run's."""
+    saved = saved or {}
+    return {
+        "loss": torch.tensor(float(saved.get("loss", 0.0)), dtype=torch.float32, device=device),
+        "tokens": float(saved.get("tokens", 0.0)),
+        "samples": int(saved.get("samples", 0)),
+        "wait": 0.0,
+        "t": time.perf_counter(),
+    }
+
+
+def saved_window(window: dict[str, Any]) -> dict[str, Any]:
+    return {"loss": float(window["loss"]), "tokens": window["tokens"], "samples": window["samples"]}
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -298,14 +319,20 @@ class Trainer:
                     tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
                     self.tb.add_scalar(tag, value, step)
 
-    def trim_metrics(self, step: int) -> None:
-        """Drop records past the checkpoint a run resumes from (they will be redone)."""
+    def trim_metrics(self, step: int, redo_validation: bool = False) -> None:
+        """Drop records past the checkpoint a run resumes from (they will be redone), and the
+        validation record of its own step when that validation is redone."""
         if not self.ranks.main or not self.metrics_file.exists():
             return
+
+        def keep(record: dict[str, Any]) -> bool:
+            at = record.get("step", 0)
+            return bool(at < step or (at == step and not (redo_validation and "val_score" in record)))
+
         kept = [
             line
             for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            if line.strip() and keep(json.loads(line))
         ]
         with atomic_path(self.metrics_file) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -422,14 +449,21 @@ class Trainer:
 
         run_state = {"identity": identity, "total_steps": total, "steps_per_epoch": steps_per_epoch}
         run_state.update(best_score=best["score"], best_step=best["step"])
+        saved = state or {}
+        if saved.get("validation_pending") and valset is not None and folder is not None:
+            with interrupt.deferred():
+                interrupt.at(f"train step {start} of {total} (its validation)")
+                resumed = {k: v for k, v in saved.items() if k not in ("validation_pending", "step")}
+                best = self.validate_or_checkpoint(cm, valset, start, best, run_state, resumed, opt, sched)
         if start >= total:
             self.notes.append(f"note: training already complete at step {start} (use --restart to train again)")
         else:
-            best = self.loop(
-                cm, self.wrap(cm), loader, dataset, opt, sched, params,
-                start=start, total=total, steps_per_epoch=steps_per_epoch, workers=workers,
-                valset=valset, best=best, run_state=run_state,
-            )  # fmt: skip
+            with interrupt.deferred():
+                best = self.loop(
+                    cm, self.wrap(cm), loader, dataset, opt, sched, params,
+                    start=start, total=total, steps_per_epoch=steps_per_epoch, workers=workers,
+                    valset=valset, best=best, run_state=run_state, window_state=saved.get("window"),
+                )  # fmt: skip
         if valset is None:
             self.save_best(cm, {"step": total, "val": None})
         elif best["score"] is None:
@@ -513,8 +547,10 @@ class Trainer:
         if not ckpt.load_rng(folder, self.ranks.rank):
             torch.manual_seed(self.cfg.seed + 1_000_003 * (self.ranks.rank + 1) + start)
             self.notes.append(f"note: rank {self.ranks.rank} had no saved random state; reseeded")
-        self.trim_metrics(start)
+        self.trim_metrics(start, bool(state.get("validation_pending")))
         self.notes.append(f"note: resumed from {folder} at step {start}")
+        if self.ranks.main:
+            tqdm.write(f"train: resuming from {folder} at step {start}", file=sys.stderr)
         return start, {"score": state.get("best_score"), "step": state.get("best_step")}
 
     def wrap(self, cm: CaptionModel) -> Any:
@@ -581,14 +617,18 @@ class Trainer:
         valset: ValSet | None,
         best: dict[str, Any],
         run_state: dict[str, Any],
+        window_state: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Steps ``start .. total-1``. A signal is acted on only between steps: the step in flight
+        finishes, a checkpoint of everything the next step depends on is written, and
+        :class:`~icsd.interrupt.Interrupted` is raised; a validation in flight is dropped and redone
+        on resume."""
         cfg, ranks, device = self.cfg, self.ranks, self.ranks.device
         accum = cfg.grad_accum
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and cfg.bf16)
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not ranks.main or None, dynamic_ncols=True)
-        window: dict[str, Any] = {"loss": torch.zeros((), device=device), "tokens": 0.0, "samples": 0, "wait": 0.0, "t": time.perf_counter()}
+        window = restored_window(window_state, device)
         it: Any = None
-        completed = start
         try:
             for step in range(start, total):
                 epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -621,21 +661,52 @@ class Trainer:
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                done = completed = step + 1
+                done = step + 1
                 bar.update(1)
+                interrupt.at(f"train step {done} of {total} (checkpoint {self.out / 'last'})")
                 if done % cfg.log_every == 0 or done == total:
                     self.log_window(done, epoch, window, grad_norm, sched, bar)
+                state = {**run_state, "epoch": epoch, "window": saved_window(window)}
                 if valset is not None and (done % cfg.eval_every == 0 or done == total):
-                    best = self.evaluate_and_keep(cm, valset, done, best)
-                    run_state.update(best_score=best["score"], best_step=best["step"])
-                if done % cfg.save_every == 0 or done == total:
-                    self.save_last(done, {**run_state, "epoch": epoch}, cm, opt, sched)
-        except KeyboardInterrupt:
-            if not ranks.distributed and completed > start:
-                self.save_last(completed, {**run_state, "epoch": completed // steps_per_epoch}, cm, opt, sched)
-            raise
+                    best = self.validate_or_checkpoint(cm, valset, done, best, run_state, state, opt, sched)
+                    state.update(best_score=best["score"], best_step=best["step"])
+                saved = done % cfg.save_every == 0 or done == total
+                if saved:
+                    self.save_last(done, state, cm, opt, sched)
+                if self.stop_requested():
+                    if not saved:
+                        self.save_last(done, state, cm, opt, sched)
+                    interrupt.check()
         finally:
             bar.close()
+        return best
+
+    def stop_requested(self) -> bool:
+        """Whether a signal came in (on any rank: every rank stops at the same step)."""
+        flag = torch.tensor(float(interrupt.pending()), device=self.ranks.device)
+        return bool(all_reduce_sum(flag, self.ranks) > 0) if self.ranks.distributed else bool(flag)
+
+    def validate_or_checkpoint(
+        self,
+        cm: CaptionModel,
+        valset: ValSet,
+        step: int,
+        best: dict[str, Any],
+        run_state: dict[str, Any],
+        state: dict[str, Any],
+        opt: Any,
+        sched: Any,
+    ) -> dict[str, Any]:
+        """The validation of ``step``; a signal cuts it short: the checkpoint of ``step`` is written
+        with the validation marked as pending (a resumed run does it first), and the signal raised."""
+        try:
+            with interrupt.immediate(), ckpt.preserved_rng():
+                best = self.evaluate_and_keep(cm, valset, step, best)
+        except KeyboardInterrupt:
+            if not self.ranks.distributed:
+                self.save_last(step, {**state, "validation_pending": True}, cm, opt, sched)
+            raise
+        run_state.update(best_score=best["score"], best_step=best["step"])
         return best
 
     def log_window(self, step: int, epoch: int, window: dict[str, Any], grad_norm: Any, sched: Any, bar: Any) -> None:
