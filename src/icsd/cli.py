@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic.fields import FieldInfo
 
+from .data import cli as data_cli
 from .errors import UserError, write_failure_reason
 from .sandbox import cli as sandbox_cli
 
@@ -44,11 +45,13 @@ APP_SETTINGS: dict[str, Any] = dict(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-# the commands that are not stages (caption, run, compare, config, sandbox); build_app adds the stages
+# the commands that are not stages (caption, run, compare, config, sandbox, data, export); build_app adds the stages
 commands = typer.Typer()
 config_app = typer.Typer(help="Inspect resolved settings.", no_args_is_help=True)
 commands.add_typer(config_app, name="config")
 commands.add_typer(sandbox_cli.app, name="sandbox")
+commands.add_typer(data_cli.app, name="data")
+commands.command("export", epilog=data_cli.EXPORT_EPILOG)(data_cli.export_command)
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig, package_file
+from .data.check import PathCheck, check_paths, exists  # the same listing as `icsd data check`
 from .errors import UserError
 
 REHEARSE_PREFIX = "rehearse."
@@ -85,79 +86,6 @@ class Options:
                 raise UserError(f"--{key} must be at least 1")
             chosen[name] = number
         return cls(**chosen), rest
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-PATH_KEYS: tuple[tuple[str, str, str], ...] = (
-    ("ingest", "corpus", "file"),
-    ("summarize", "prompt", "file"),
-    ("train", "val_images", "folder"),
-    ("train", "val_captions", "file"),
-    ("evaluate", "annotations", "file"),
-    ("evaluate", "images", "folder"),
-    ("evaluate", "predictions", "file"),
-    ("evaluate", "model", "folder"),
-    ("evaluate", "spice_jars", "folder"),
-)
-
-
-@dataclass
-class PathCheck:
-    key: str
-    path: str
-    status: str  # ok | missing | unreadable | not a file | not a folder
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def line(self) -> str:
-        return f"{self.key}: {self.path} -- {self.status}"
-
-
-def check_path(path: Path, kind: str) -> str:
-    if not path.exists():
-        return "missing"
-    if kind == "file":
-        if not path.is_file():
-            return "not a file"
-        try:
-            with path.open("rb") as fh:
-                fh.read(1)
-        except OSError as exc:
-            return f"unreadable ({exc.strerror or exc})"
-        return "ok"
-    if not path.is_dir():
-        return "not a folder"
-    try:
-        next(iter(os.scandir(path)), None)
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    return "ok"
-
-
-def check_paths(cfg: PipelineConfig) -> list[PathCheck]:
-    """Every data path the config names, each checked to exist and be readable."""
-    out = []
-    for stage, key, kind in PATH_KEYS:
-        value = getattr(getattr(cfg, stage), key)
-        if key == "prompt" and value in prompt_names():
-            continue  # a bundled prompt's name, not a file
-        if value:
-            out.append(PathCheck(f"{stage}.{key}", str(value), check_path(Path(value).expanduser(), kind)))
-    return out
-
-
-def prompt_names() -> tuple[str, ...]:
-    from .llm.prompts import PROMPT_NAMES
-
-    return PROMPT_NAMES
-
-
-def exists(checks: list[PathCheck], key: str) -> bool:
-    return any(c.key == key and c.ok for c in checks)
 
 
 # ----------------------------------------------------------------------------- measuring

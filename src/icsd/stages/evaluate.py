@@ -15,6 +15,7 @@ from typing import Any
 
 from ..caption import skipped_note
 from ..config import EvaluateConfig
+from ..data.cards import write_model_cards
 from ..errors import UserError
 from ..eval_sets import count_note, load_references
 from ..formats import References, load_predictions, predictions_json
@@ -301,6 +302,7 @@ def run(cfg: EvaluateConfig, run: RunDir) -> EvalResult:
     timer = Timer()
     outcome = evaluate(cfg)
     scores_path = write_outputs(outcome, run.eval_dir(outcome.refs.name))
+    write_model_cards(run.root)  # the run's checkpoints' cards now carry these scores
     result = finish_stage(
         run,
         "evaluate",

@@ -22,9 +22,15 @@ from ._base import StageResult, StageSpec
 
 
 def run(cfg: TrainConfig, run: RunDir) -> StageResult:
+    import os
+
+    from ..data.cards import write_model_cards
     from ..training import trainer
 
-    return trainer.run(cfg, run)
+    result = trainer.run(cfg, run)
+    if os.environ.get("RANK", "0") == "0":
+        write_model_cards(run.root)  # README.md beside train/best and train/last
+    return result
 
 
 def _prepare(cfg: TrainConfig, run: RunDir, changed: bool) -> TrainConfig:
