@@ -77,12 +77,12 @@ def provider(path: str, key: str, benchmark: str | None) -> tuple[str | None, st
     for i in range(len(parts)):
         found = dataset_for_path("/".join(parts[i:]))
         if found is not None:
-            return found[0].name, "/".join(parts[:i]) or "."
+            return found[0].name, str(PurePosixPath(*parts[:i])) if i else "."
     if key == "evaluate.images" and benchmark in BENCHMARK_IMAGES:
         name = BENCHMARK_IMAGES[benchmark]
         target = DATASETS[name].targets[0].path
         if target.startswith(parts[-1] + "/"):
-            return name, "/".join(parts[:-1]) or "."
+            return name, str(PurePosixPath(*parts[:-1])) if len(parts) > 1 else "."
         return name, None
     return None, None
 

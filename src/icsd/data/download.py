@@ -48,8 +48,14 @@ class Summary:
             parts.append(f"{len(self.manual)} to fetch by hand ({', '.join(self.manual)})")
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
-        return (f"data: {', '.join(parts)} in {self.seconds:.1f}s, {self.fetched_bytes / 1e6:,.1f} MB fetched "
-                f"-> {self.root}")  # fmt: skip
+        return f"data: {', '.join(parts)} in {self.seconds:.1f}s, {human_bytes(self.fetched_bytes)} fetched -> {self.root}"
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 # ----------------------------------------------------------------------------- the record
@@ -125,7 +131,7 @@ def install_archive(root: Path, d: Dataset, archive: Path) -> None:
     """Unpack ``archive`` into staging, then each target into place; nothing half there on failure.
     A damaged archive is removed (the next call fetches it anew); on a full disk it is kept."""
     staging = root / STAGING / d.name
-    shutil.rmtree(staging, ignore_errors=True)
+    drop_staging(root, d.name)
     try:
         if archive_kind(archive) == "file":
             (staging / d.targets[0].path).parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +146,13 @@ def install_archive(root: Path, d: Dataset, archive: Path) -> None:
             archive.unlink()
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (root / STAGING).rmdir()
+        drop_staging(root, d.name)
+
+
+def drop_staging(root: Path, name: str) -> None:
+    shutil.rmtree(root / STAGING / name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (root / STAGING).rmdir()  # only when empty
 
 
 def image_list(annotations: Path) -> list[tuple[str, str]]:
@@ -195,7 +205,7 @@ def fetch_images(root: Path, d: Dataset, mirror: str | None, jobs: int, retries:
             f"{len(sums):,} fetched are kept: run the same command again for the rest"
         )
     move_into_place(root / STAGING / d.name, root, d.targets)
-    shutil.rmtree(root / STAGING / d.name, ignore_errors=True)
+    drop_staging(root, d.name)
     return {"images": len(sums), "sha256": sums, "checksum": "recorded at download; each image decoded"}
 
 

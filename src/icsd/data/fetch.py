@@ -85,7 +85,7 @@ def _stream_once(client: Any, url: str, part: Path, name: str, expect_size: int 
                 "not downloaded (a changed file or a wrong mirror)"
             )
         with part.open("ab" if offset else "wb") as fh, _bar(name, total or expect_size, offset, position) as bar:
-            for chunk in response.iter_bytes(CHUNK):
+            for chunk in response.iter_bytes():  # as they arrive: a break keeps what came
                 write_chunk(fh, chunk)
                 bar.update(len(chunk))
         return total
@@ -116,20 +116,22 @@ def fetch(
     make = client_factory or (lambda: httpx.Client(timeout=timeout, follow_redirects=True))
     total: int | None = None
     failures = 0
+    have = started_with
     with make() as client:
         while True:
             try:
                 total = _stream_once(client, url, part, dest.name, size, position)
             except (httpx.TransportError, httpx.HTTPError) as exc:
                 failures += 1
-                have = part.stat().st_size if part.exists() else 0
+                before, have = have, part.stat().st_size if part.exists() else 0
                 if failures > retries:
                     of = f" of {size or total:,}" if (size or total) else ""
                     raise DownloadError(
                         f"{dest.name}: the connection failed after {have:,}{of} bytes ({type(exc).__name__}); "
                         "the part is kept: run the same command again to resume"
                     ) from None
-                time.sleep(min(2.0**failures * 0.1, 5.0))
+                if have == before:  # no progress: wait before asking again
+                    time.sleep(min(2.0**failures * 0.1, 5.0))
                 continue
             have = part.stat().st_size if part.exists() else 0
             expected = size if size is not None else total

@@ -11,6 +11,7 @@ import json
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -95,7 +96,7 @@ def unpack(archive: Path, targets: tuple[Target, ...], staging: Path) -> dict[st
                 top = next(t.path for t in targets if rel == t.path or rel.startswith(t.path + "/"))
                 counts[top] += 1
                 bar.update(1)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile, zlib.error) as exc:
         raise DownloadError(f"{archive.name} is damaged ({exc}); it was removed: run the same command again "
                             "to fetch it anew") from None  # fmt: skip
     for t in targets:
