@@ -27,6 +27,7 @@ CITATION = """@inproceedings{ma2024icsd,
   pages     = {4089--4097},
   year      = {2024}
 }"""
+PAPER_URL = "https://doi.org/10.1609/aaai.v38i5.28203"
 SCORE_KEYS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
@@ -54,8 +55,9 @@ def size_category(n: int) -> str:
 def recipe_lines(recipe: Recipe) -> list[str]:
     """The settings that made the synthetic data, one bullet each."""
     s = recipe.setting
+    sums = ", ".join(f"`{name}` SHA-256 {str(sha)[:16]}" for name, sha in recipe.inputs.items())
     lines = [
-        f"- caption corpus: `{s('ingest', 'corpus')}` ({s('ingest', 'format')}"
+        f"- caption corpus: {sums or Path(str(s('ingest', 'corpus'))).name} ({s('ingest', 'format')}"
         + (f", splits {', '.join(s('ingest', 'splits') or [])}" if s("ingest", "format") == "karpathy" else "")
         + ")",
     ]
@@ -108,14 +110,13 @@ def dataset_card(recipe: Recipe, run_root: Path, *, pairs: int, images: int, fmt
         meta["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
         meta["dataset_info"] = {
             "features": [_yaml_feature(name, f) for name, f in FEATURES.items()],
-            "splits": [{"name": "train", "num_examples": pairs}],
         }
     image_model = recipe.setting("render", "model")
     body = [
         f"# ICSD synthetic image-caption pairs: {run_root.name}",
         "",
-        "Made with [icsd](https://github.com/FeipengMa6/ICSD) by the method of *Image Captioning with "
-        "Multi-Context Synthetic Data* (Ma et al., AAAI 2024): every caption's nearest captions form a "
+        "Made with icsd by the method of [*Image Captioning with Multi-Context Synthetic Data*]"
+        f"({PAPER_URL}) (Ma et al., AAAI 2024): every caption's nearest captions form a "
         "candidate set, an LLM selects the ones that describe one scene and summarises them into one "
         "prompt, a text-to-image model draws it, and the image is paired with each selected caption. "
         "No real image-caption pair is used.",
@@ -242,7 +243,7 @@ def model_card(run_root: Path, folder: Path) -> str:
         "",
         f"- `{arch[0]}` ({info.get('kind', '?')}, preset `{info.get('preset', '?')}`), input {info.get('image_size', '?')} px, "
         f"prompt `{info.get('prompt', '')!s}`",
-        f"- base models: vision `{info.get('vision_model')}`, text `{info.get('text_model')}`",
+        f"- base models: vision `{info.get('vision_model') or '-'}`, text `{info.get('text_model') or '-'}`",
         "",
         "## Synthetic training data",
         "",
