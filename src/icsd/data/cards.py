@@ -35,6 +35,11 @@ def front_matter(meta: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
+def card(meta: dict[str, Any], body: list[str]) -> str:
+    """YAML front matter, the body, and the paper's citation."""
+    return front_matter(meta) + "\n" + "\n".join([*body, "## Citation", "", "```bibtex", CITATION, "```", ""])
+
+
 def corpus_licence(recipe: Recipe) -> tuple[str, str]:
     """(Hub licence id, words) of the caption corpus the data was made from."""
     corpus = str(recipe.setting("ingest", "corpus", "") or "").lower()
@@ -159,14 +164,8 @@ def dataset_card(recipe: Recipe, run_root: Path, *, pairs: int, images: int, fmt
         "ds = load_dataset(\"PATH_OR_REPO\", split=\"train\")" if fmt == "hf" else "import webdataset as wds",
         "```",
         "",
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
     ]
-    return front_matter(meta) + "\n" + "\n".join(body)
+    return card(meta, body)
 
 
 def _yaml_feature(name: str, feature: dict[str, Any]) -> dict[str, Any]:
@@ -290,14 +289,8 @@ def model_card(run_root: Path, folder: Path) -> str:
         "the text-to-image model",
         "- not for decisions about people, accessibility without human review, or safety-critical use",
         "",
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
     ]
-    return front_matter(meta) + "\n" + "\n".join(body)
+    return card(meta, body)
 
 
 def score_lines(evaluations: list[dict[str, Any]]) -> list[str]:

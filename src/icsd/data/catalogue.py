@@ -116,7 +116,7 @@ DATASETS: dict[str, Dataset] = {
             title="COCO 2017 caption annotations (train and val)",
             licence=COCO_LICENCE,
             homepage="https://cocodataset.org/#download",
-            size="253 MB download (the trainval2017 annotations archive), 100 MB kept",
+            size="253 MB download (the trainval2017 annotations archive); only the two caption files are kept",
             sources=(Source("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", "zip",
                             252_907_541, "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268",
                             TFDS),),  # fmt: skip
