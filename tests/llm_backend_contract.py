@@ -1,9 +1,9 @@
 """The contract every LLM backend registered in ``icsd.llm.registry.LLM_BACKENDS`` keeps.
 
 A backend's tests subclass :class:`LLMBackendContract` (as diffusers' pipeline tests subclass
-``PipelineTesterMixin``), set ``backend_name`` and override the ``spec`` fixture with a
-:class:`~icsd.llm.BackendSpec` that builds a small instance here (a tiny random model, a local
-server). Every test below then runs on it.
+``PipelineTesterMixin``), set ``backend_name`` and override the ``spec`` fixture with the
+backend's options (``icsd.llm.llm_options(name, ...)``) that build a small instance here (a tiny
+random model, a local server). Every test below then runs on it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from contract_base import Contract, missing_hook
 
-from icsd.llm import LLM_BACKENDS, BackendSpec, ChatAnswer, ChatBackend, ChatRequest, make_backend
+from icsd.config import SummarizeConfig
+from icsd.llm import LLM_BACKENDS, ChatAnswer, ChatBackend, ChatRequest, LLMOptions, make_backend
 from icsd.llm.prompts import PromptSettings, answer_schema
 
 PROMPTS = [
@@ -41,11 +42,11 @@ class LLMBackendContract(Contract):
     backend_name: str = ""
 
     @pytest.fixture()
-    def spec(self) -> BackendSpec:  # pragma: no cover - always overridden
-        raise missing_hook(self, "a fixture spec()", "the BackendSpec of a small instance of the backend")
+    def spec(self) -> LLMOptions:  # pragma: no cover - always overridden
+        raise missing_hook(self, "a fixture spec()", "the LLMOptions of a small instance of the backend")
 
     @pytest.fixture()
-    def backend(self, spec: BackendSpec) -> Iterator[ChatBackend]:
+    def backend(self, spec: LLMOptions) -> Iterator[ChatBackend]:
         built = make_backend(spec)
         try:
             yield built
@@ -54,13 +55,24 @@ class LLMBackendContract(Contract):
 
     # registration ---------------------------------------------------------------------------
 
-    def test_is_registered_under_its_name(self, spec: BackendSpec) -> None:
+    def test_is_registered_under_its_name(self, spec: LLMOptions) -> None:
         assert spec.backend == self.backend_name
         assert self.backend_name in LLM_BACKENDS.names()
         cls = LLM_BACKENDS.get(self.backend_name)
         assert issubclass(cls, ChatBackend) and cls.name == self.backend_name
 
-    def test_builds_from_its_spec(self, backend: ChatBackend, spec: BackendSpec) -> None:
+    def test_its_options_are_settings_of_the_stage(self) -> None:
+        """Each option is a ``summarize.<key>`` setting with the same default (a key that several
+        backends declare is one setting, so they must agree)."""
+        options = LLM_BACKENDS.get(self.backend_name).Options
+        assert issubclass(options, LLMOptions)
+        section = SummarizeConfig.section().model_fields
+        for key, info in options.model_fields.items():
+            assert key in section, f"summarize.{key} is missing"
+            mine, theirs = info.get_default(call_default_factory=True), section[key].get_default(call_default_factory=True)
+            assert mine == theirs, f"{self.backend_name}'s {key} defaults to {mine!r}, the setting to {theirs!r}"
+
+    def test_builds_from_its_spec(self, backend: ChatBackend, spec: LLMOptions) -> None:
         assert isinstance(backend, LLM_BACKENDS.get(self.backend_name))
         assert backend.model_id == spec.model_label()  # records name the model before it is loaded
         assert backend.params == spec.params

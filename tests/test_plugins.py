@@ -16,7 +16,7 @@ from llm_backend_contract import LLMBackendContract
 from plugins import EXAMPLE, env_with, on_sys_path, pip_install
 from stage_contract import StageContract
 
-from icsd.llm import LLM_BACKENDS, BackendSpec, GenerationParams
+from icsd.llm import LLM_BACKENDS, LLMOptions, llm_options
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,8 @@ class TestOverlapPlugin(LLMBackendContract):
     backend_name = "overlap"
 
     @pytest.fixture()
-    def spec(self) -> BackendSpec:
-        return BackendSpec(backend="overlap", model="any", params=GenerationParams(max_new_tokens=16))
+    def spec(self) -> LLMOptions:
+        return llm_options("overlap", model="any", max_new_tokens=16)
 
 
 class TestGradientPlugin(T2IContract):
@@ -162,7 +162,7 @@ def test_a_plugin_that_fails_to_import_is_one_line_and_help_still_works(tmp_path
     from icsd.llm import make_backend
 
     with on_sys_path(site), pytest.raises(UserError) as info:
-        make_backend(BackendSpec(backend="broken", model="any"))
+        make_backend(llm_options("broken", model="any"))
     error = str(info.value)
     assert error.startswith("LLM backend 'broken' from plugin broken-plugin (entry point broken = ")
     assert "ModuleNotFoundError" in error and "\n" not in error

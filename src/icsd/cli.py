@@ -257,7 +257,7 @@ def file_option(name: str, help_text: str) -> inspect.Parameter:
 def stage_command(target: typer.Typer, spec: StageSpec) -> None:
     """Register ``icsd <stage>``: options from the stage's config fields, help from its spec."""
     stage = spec.name
-    fields = spec.config.model_fields
+    fields = spec.config.section().model_fields
     extra = tuple(file_option(name, text) for name, text in spec.file_options)
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     params += [field_parameter(n, fields[n], positional=True) for n in spec.arguments]

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -23,7 +23,42 @@ DEFAULT_LLM_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class StageConfig(BaseModel):
+    """A stage's settings. A stage that picks a backend by name names the backends' registry in
+    ``backend_registry`` (``"module:attribute"``): its settings then also hold every registered
+    backend's options (:mod:`icsd.options`), and :meth:`options` gives the chosen backend's."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    backend_registry: ClassVar[str | None] = None
+    backend_default_options: ClassVar[str | None] = None  # "module:attr" of the options of a backend without its own
+    backend_section: ClassVar[bool] = False  # True on the model that carries the backends' options
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # ``SummarizeConfig(base_url=...)`` builds the model with the backends' options as fields.
+        if cls.backend_registry is not None and not cls.backend_section:
+            cls = cls.section()
+        return super().__new__(cls)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        section = cls.section()
+        return super().model_validate(obj, **kwargs) if section is cls else section.model_validate(obj, **kwargs)
+
+    @classmethod
+    def section(cls) -> type[StageConfig]:
+        """This model with the options of the backends registered now (itself when it has none)."""
+        from .options import section_model
+
+        return section_model(cls)
+
+    def chosen_backend(self) -> str:
+        """The registered name of the backend these settings choose."""
+        return str(getattr(self, "backend"))
+
+    def options(self) -> Any:
+        """The chosen backend's options model, validated from these settings."""
+        from .options import backend_options
+
+        return backend_options(self)
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain JSON-able data (what goes into config.yaml and the manifest)."""
@@ -97,23 +132,13 @@ class GroupConfig(StageConfig):
 
 
 class SummarizeConfig(StageConfig):
-    backend: str = Field(
-        default="transformers", description="LLM backend: openai | vllm | transformers | llama-cpp (any registered one)."
-    )
-    model: str = Field(
-        default=DEFAULT_LLM_MODEL,
-        description="Model id, path or .gguf file; for openai the server's model name (default: SmolLM2-135M-Instruct, packaged GGUF for transformers and llama-cpp).",
-    )
-    gguf_file: str | None = Field(
-        default=None, description="GGUF file name inside the model's folder or repo."
-    )
-    base_url: list[str] = Field(
-        default_factory=list,
-        description="OpenAI-compatible server URL; repeat or comma-separate for round-robin.",
-    )
-    api_key_env: str = Field(
-        default="OPENAI_API_KEY", description="Environment variable holding the API key."
-    )
+    """The summarize stage's own settings; the chosen LLM backend's options (``model``,
+    ``base_url``, ``temperature``, ...) are declared by the backends (``Options`` next to each
+    one's code) and join this section as fields of their own (:mod:`icsd.options`)."""
+
+    backend_registry: ClassVar[str | None] = "icsd.llm.registry:LLM_BACKENDS"
+
+    backend: str = Field(default="transformers", description="LLM backend (a registered name; its options below).")
     prompt: str | None = Field(
         default=None,
         description="Prompt: a bundled name, official (the official code's prompt verbatim) | icsd | first-n, "
@@ -134,28 +159,6 @@ class SummarizeConfig(StageConfig):
     min_select: int = Field(default=5, ge=1, description="Fewest captions a valid answer selects.")
     max_select: int = Field(default=10, ge=1, description="Most captions a valid answer selects.")
     max_words: int = Field(default=50, ge=1, description="Word limit of the summary.")
-    max_new_tokens: int = Field(default=500, ge=1, description="Longest answer in tokens.")
-    temperature: float | None = Field(
-        default=0.0,
-        ge=0.0,
-        description="Sampling temperature (0 = greedy; null = none sent: the server's or engine's default).",
-    )
-    concurrency: int = Field(default=64, ge=1, description="Requests in flight (openai).")
-    timeout: float = Field(default=120.0, gt=0, description="Seconds per request before it is retried.")
-    max_retries: int = Field(default=6, ge=0, description="Retries per request on 429/5xx/timeouts.")
-    retry_backoff: float = Field(
-        default=1.0, gt=0, description="Seconds before the first retry (doubles each time)."
-    )
-    client: Literal["openai", "aiohttp"] = Field(
-        default="openai",
-        description="HTTP client of the openai backend: openai (official SDK) | aiohttp (lean).",
-    )
-    response_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
-        default="auto",
-        description="How the openai backend asks for JSON: auto (probe each server once, stepping down "
-        "json_schema > json_object > text, and remember) | json_schema | json_object | text.",
-    )
-    batch_size: int = Field(default=8, ge=1, description="Prompts per generate() call (transformers).")
     part_size: int = Field(default=1000, ge=1, description="Groups per output part (unit of resume).")
     limit: int | None = Field(default=None, ge=1, description="Only the first N groups.")
     sample: int | None = Field(default=None, ge=1, description="A random sample of N groups (see --seed).")
@@ -165,18 +168,11 @@ class SummarizeConfig(StageConfig):
         description="Also redo groups whose record is not ok, with a new sampling seed (this invocation only).",
         json_schema_extra={"transient": True},
     )
-    device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N (transformers, process workers).")
+    device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N (local backends, process workers).")
     executor: Literal["inline", "process", "ray"] = Field(
         default="inline", description="inline|process|ray (local backends)."
     )
     address: str | None = Field(default=None, description="Ray address (auto or ray://host:port).")
-
-    @field_validator("base_url", mode="before")
-    @classmethod
-    def _split_urls(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [u.strip() for u in v.split(",") if u.strip()]
-        return v
 
     @field_validator("backend")
     @classmethod
@@ -189,14 +185,25 @@ class SummarizeConfig(StageConfig):
             raise ValueError(f"unknown LLM backend {v!r}{closest(v, names)}; known: {', '.join(names)}")
         return v
 
+    if TYPE_CHECKING:  # the backends' options (``cfg.model``, ``cfg.base_url``): fields of the section
+
+        def __getattr__(self, key: str) -> Any: ...
+
 
 class RenderConfig(StageConfig):
+    """The render stage's own settings; the chosen backend's options (``scheduler``, ``dtype``,
+    ``safety_checker``, ...) are declared by the text-to-image backends and join this section
+    (:mod:`icsd.options`)."""
+
+    backend_registry: ClassVar[str | None] = "icsd.backends.registry:T2I_BACKENDS"
+    backend_default_options: ClassVar[str | None] = "icsd.backends.t2i:T2IOptions"
+
     model: str = Field(
         default=DEFAULT_RENDER_MODEL, description="diffusers text-to-image pipeline: hub id or local folder."
     )
     backend: str = Field(
         default="diffusers",
-        description="Text-to-image backend: diffusers | tiny-random (any registered one; --tiny-random implies tiny-random).",
+        description="Text-to-image backend (a registered name; its options below; --tiny-random implies tiny-random).",
     )
 
     @field_validator("backend")
@@ -209,17 +216,10 @@ class RenderConfig(StageConfig):
         default="summaries",
         description="summaries (ok rows of selections.parquet) | captions (one image per caption).",
     )
-    scheduler: str = Field(
-        default="dpm++",
-        description="dpm++ | dpm++-karras | dpm | unipc | ddim | pndm | euler | euler-a | heun | lms | default.",
-    )
     steps: int = Field(default=20, ge=1, description="Denoising steps.")
     guidance: float = Field(default=7.5, ge=0.0, description="Classifier-free guidance scale.")
     size: int = Field(default=512, ge=8, description="Image width and height in pixels, a multiple of 8.")
     negative_prompt: str | None = Field(default=None, description="Negative prompt for every image.")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
-        default="auto", description="auto (fp16 on cuda, fp32 on cpu) | fp16 | bf16 | fp32."
-    )
     batch_size: int = Field(default=16, ge=1, description="Images per pipeline call.")
     shard_size: int = Field(
         default=1000, ge=1, description="Images per webdataset shard, the unit of resume."
@@ -235,9 +235,6 @@ class RenderConfig(StageConfig):
         json_schema_extra={"cli_flags": ["--format"]},
     )
     quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality 1-100.")
-    safety_checker: bool = Field(
-        default=True, description="Run the pipeline's safety checker (off: nsfw recorded as null)."
-    )
     devices: str = Field(
         default="auto",
         description="auto | all | cpu | GPU ids 0,1,...: one worker per GPU.",
@@ -246,12 +243,6 @@ class RenderConfig(StageConfig):
     workers: int | None = Field(
         default=None, ge=1, description="Render workers (processes or Ray actors); default: one per device."
     )
-    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (GPU).")
-    compile_mode: str = Field(
-        default="default", description="torch.compile mode: default | reduce-overhead | max-autotune | ..."
-    )
-    channels_last: bool = Field(default=False, description="channels_last memory format (GPU).")
-    fuse_qkv: bool = Field(default=False, description="Fuse attention QKV projections.")
     executor: Literal["inline", "process", "ray"] = Field(
         default="inline", description="inline|process|ray (process is implied by several devices)."
     )
@@ -259,6 +250,13 @@ class RenderConfig(StageConfig):
     tiny_random: bool = Field(
         default=False, description="Build and use a tiny untrained pipeline in RUN/cache (offline demo)."
     )
+
+    def chosen_backend(self) -> str:
+        return "tiny-random" if self.tiny_random else self.backend
+
+    if TYPE_CHECKING:  # the backends' options (``cfg.scheduler``, ``cfg.dtype``): fields of the section
+
+        def __getattr__(self, key: str) -> Any: ...
 
 
 class ScoreConfig(StageConfig):
@@ -494,7 +492,7 @@ class _StageConfigs(Mapping[str, type[StageConfig]]):
     def _table(self) -> dict[str, type[StageConfig]]:
         from .stages import loaded_specs
 
-        return {spec.name: spec.config for spec in loaded_specs()}
+        return {spec.name: spec.config.section() for spec in loaded_specs()}
 
     def __getitem__(self, stage: str) -> type[StageConfig]:
         return self._table()[stage]

@@ -24,11 +24,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pydantic import Field, field_validator
+
 from ..errors import UserError
+from ..options import BackendOptions
 from .registry import T2I_BACKENDS
 
 if TYPE_CHECKING:
@@ -58,19 +61,44 @@ TINY_MODEL_NAME = "tiny-random"
 TINY_CACHE_NAME = "tiny-random-sd"
 
 
-@dataclass(frozen=True)
-class T2ISpec:
-    """What to load and how: everything that fixes a pipeline on one device."""
+class T2IOptions(BackendOptions):
+    """What every text-to-image backend's ``load(spec, device)`` gets: ``model`` (what its
+    ``prepare`` returned), its registered name and whether to run a safety checker. A backend that
+    takes more declares a subclass as its ``Options`` (its fields become ``render.<key>`` settings
+    and ``icsd render`` options); the render stage validates it and hands it over unchanged."""
 
-    model: str
-    backend: str = "diffusers"
-    dtype: str = "auto"
-    scheduler: str = "dpm++"
-    safety_checker: bool = True
-    compile: bool = False
-    compile_mode: str = "default"
-    channels_last: bool = False
-    fuse_qkv: bool = False
+    model: str = Field(default="", description="What the backend loads (what its prepare returned).")
+    backend: str = Field(default="diffusers", description="The registered backend name.")
+    safety_checker: bool = Field(
+        default=True, description="Run the pipeline's safety checker (off: nsfw recorded as null)."
+    )
+
+
+class DiffusersOptions(T2IOptions):
+    """``--backend diffusers`` (and ``tiny-random``): how the pipeline is loaded and sped up."""
+
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        default="auto", description="auto (fp16 on cuda, fp32 on cpu) | fp16 | bf16 | fp32."
+    )
+    scheduler: str = Field(
+        default="dpm++",
+        description="dpm++ | dpm++-karras | dpm | unipc | ddim | pndm | euler | euler-a | heun | lms | default.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (GPU).")
+    compile_mode: str = Field(
+        default="default", description="torch.compile mode: default | reduce-overhead | max-autotune | ..."
+    )
+    channels_last: bool = Field(default=False, description="channels_last memory format (GPU).")
+    fuse_qkv: bool = Field(default=False, description="Fuse attention QKV projections.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        check_scheduler(v)
+        return v
+
+
+T2ISpec = DiffusersOptions  # the name backends were written against
 
 
 @dataclass
@@ -323,6 +351,7 @@ class DiffusersBackend:
     """
 
     untrained = False
+    Options = DiffusersOptions
 
     @staticmethod
     def prepare(model: str, cache: Path) -> str:

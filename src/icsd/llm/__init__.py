@@ -1,6 +1,6 @@
 """LLM backends behind a registry, and what the summarize stage needs around them.
 
-- :mod:`~icsd.llm.base`: the backend interface (requests in, raw answers out) and :class:`BackendSpec`;
+- :mod:`~icsd.llm.base`: the backend interface (requests in, raw answers out) and :class:`LLMOptions`, what every backend's options hold;
 - :mod:`~icsd.llm.registry`: ``LLM_BACKENDS``, the ``--backend`` names, and :func:`make_backend`;
 - :mod:`~icsd.llm.openai`: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, TGI, ...);
 - :mod:`~icsd.llm.transformers_backend`, :mod:`~icsd.llm.vllm_backend`,
@@ -11,8 +11,17 @@
 Importing this package is light: no torch, vLLM, llama.cpp or HTTP client is loaded until a backend is built.
 """
 
-from .base import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, FatalBackendError, GenerationParams
-from .registry import LLM_BACKENDS, make_backend
+from .base import (
+    BackendSpec,
+    ChatAnswer,
+    ChatBackend,
+    ChatRequest,
+    FatalBackendError,
+    GenerationParams,
+    LLMOptions,
+    LocalModelOptions,
+)
+from .registry import LLM_BACKENDS, llm_options, make_backend
 
 __all__ = [
     "LLM_BACKENDS",
@@ -22,5 +31,8 @@ __all__ = [
     "ChatRequest",
     "FatalBackendError",
     "GenerationParams",
+    "LLMOptions",
+    "LocalModelOptions",
+    "llm_options",
     "make_backend",
 ]

@@ -5,8 +5,9 @@ answers arrive (any order). An answer either holds the model's text or, when the
 the last error. Judging the text is not a backend's business, and backends know nothing of the
 run directory.
 
-A backend is a :class:`ChatBackend` subclass with ``from_spec(spec)`` (build it from a picklable
-:class:`BackendSpec`) and ``stream``; it is registered under its ``--backend`` name in
+A backend is a :class:`ChatBackend` subclass with ``Options`` (its settings, a subclass of
+:class:`LLMOptions`), ``from_spec(options)`` (build it from them; picklable, so worker processes
+can build their own) and ``stream``; it is registered under its ``--backend`` name in
 :mod:`icsd.llm.registry`.
 """
 
@@ -15,10 +16,14 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
+from pydantic import Field
+
+from ..config import DEFAULT_LLM_MODEL
 from ..errors import UserError
+from ..options import BackendOptions
 
 K = TypeVar("K")
 Message = dict[str, str]
@@ -61,37 +66,52 @@ class GenerationParams:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
 
 
-@dataclass
-class BackendSpec:
-    """Everything needed to build a backend (picklable, so worker processes can build their own)."""
+class LLMOptions(BackendOptions):
+    """What every LLM backend is built from; a backend that takes more declares a subclass as its
+    ``Options`` (its fields become ``summarize.<key>`` settings and ``icsd summarize`` options).
+    The summarize stage validates it from its settings and hands it to ``from_spec`` unchanged."""
 
-    backend: str
-    model: str
-    gguf_file: str | None = None
-    base_urls: list[str] = field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
-    params: GenerationParams = GenerationParams()
-    concurrency: int = 64
-    timeout: float = 120.0
-    max_retries: int = 6
-    backoff: float = 1.0
-    client: str = "openai"
-    response_format: str = "auto"
-    device: str = "cpu"
-    batch_size: int = 8
-    chunk_size: int = 1024
-    seed: int = 0
+    backend: str = Field(default="transformers", description="The registered backend name.")
+    model: str = Field(
+        default=DEFAULT_LLM_MODEL,
+        description="Model id, path or .gguf file; for a server the model name it serves (default: "
+        "SmolLM2-135M-Instruct, packaged GGUF for the local backends).",
+    )
+    max_new_tokens: int = Field(default=500, ge=1, description="Longest answer in tokens.")
+    temperature: float | None = Field(
+        default=0.0,
+        ge=0.0,
+        description="Sampling temperature (0 = greedy; null = none sent: the server's or engine's default).",
+    )
+    seed: int = Field(default=0, description="Sampling seed.")
+
+    @property
+    def params(self) -> GenerationParams:
+        return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
 
     def model_label(self) -> str:
-        """How records name the model this spec loads."""
+        """How records name the model these options load."""
         from .registry import LLM_BACKENDS
 
         cls: type[ChatBackend] = LLM_BACKENDS.get(self.backend)
         return cls.label(self)
 
 
+class LocalModelOptions(LLMOptions):
+    """The options of a backend that loads the model itself (a GGUF file may sit in a folder or repo)."""
+
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside the model's folder or repo.")
+
+
+BackendSpec = LLMOptions  # the name plugins were written against
+
+
 class ChatBackend(ABC):
     name: str = ""
+    Options: ClassVar[type[LLMOptions]] = LLMOptions
+    # True for a client of a server: answers stream from one client in the stage's process, never
+    # from worker processes (``summarize.executor`` does not apply).
+    remote: ClassVar[bool] = False
 
     def __init__(self, model_id: str, params: GenerationParams) -> None:
         self.model_id = model_id

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .base import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, K
+from .base import ChatAnswer, ChatBackend, ChatRequest, GenerationParams, K, LocalModelOptions
 from .local import local_model_label, resolve_local_model
 
 INSTALL_HINT = 'the llama-cpp backend needs llama-cpp-python: pip install -e ".[llamacpp]"'
@@ -48,6 +48,7 @@ class LlamaCppBackend(ChatBackend):
     """One ``llama_cpp.Llama`` in this process; requests are answered one after the other."""
 
     name = "llama-cpp"
+    Options = LocalModelOptions
 
     def __init__(
         self,
@@ -68,11 +69,11 @@ class LlamaCppBackend(ChatBackend):
         self.engine = engine
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec) -> LlamaCppBackend:
+    def from_spec(cls, spec: LocalModelOptions) -> LlamaCppBackend:  # type: ignore[override]
         return cls(spec.model, gguf_file=spec.gguf_file, params=spec.params, seed=spec.seed)
 
     @classmethod
-    def label(cls, spec: BackendSpec) -> str:
+    def label(cls, spec: LocalModelOptions) -> str:  # type: ignore[override]
         return local_model_label(spec.model, spec.gguf_file)
 
     @staticmethod

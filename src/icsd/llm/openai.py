@@ -30,18 +30,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BeforeValidator, Field
 
 from ..errors import UserError
 from .base import (
     RESPONSE_FORMATS,
-    BackendSpec,
     ChatAnswer,
     ChatBackend,
     ChatRequest,
     FatalBackendError,
     GenerationParams,
     K,
+    LLMOptions,
 )
 
 HANDOFF_SECONDS = 0.02
@@ -432,6 +434,34 @@ def print_note(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
+def split_urls(value: Any) -> Any:
+    """``"http://a/v1, http://b/v1"`` -> the two URLs (a list is kept as it is)."""
+    if isinstance(value, str):
+        return [u.strip() for u in value.split(",") if u.strip()]
+    return value
+
+
+class OpenAIOptions(LLMOptions):
+    """``--backend openai``: any OpenAI-compatible server."""
+
+    base_url: Annotated[list[str], BeforeValidator(split_urls)] = Field(
+        default_factory=list, description="OpenAI-compatible server URL; repeat or comma-separate for round-robin."
+    )
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key.")
+    concurrency: int = Field(default=64, ge=1, description="Requests in flight.")
+    timeout: float = Field(default=120.0, gt=0, description="Seconds per request before it is retried.")
+    max_retries: int = Field(default=6, ge=0, description="Retries per request on 429/5xx/timeouts.")
+    retry_backoff: float = Field(default=1.0, gt=0, description="Seconds before the first retry (doubles each time).")
+    client: Literal["openai", "aiohttp"] = Field(
+        default="openai", description="HTTP client: openai (official SDK) | aiohttp (lean)."
+    )
+    response_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        default="auto",
+        description="How JSON is asked for: auto (probe each server once, stepping down "
+        "json_schema > json_object > text, and remember) | json_schema | json_object | text.",
+    )
+
+
 class OpenAIBackend(ChatBackend):
     """An OpenAI-compatible chat-completions server: N requests in flight from one event loop.
 
@@ -440,6 +470,9 @@ class OpenAIBackend(ChatBackend):
     ``response_format="auto"`` probes each server once (json_schema, json_object, text) and
     remembers what it takes; a named format is sent as is and never stepped down.
     """
+
+    Options = OpenAIOptions
+    remote = True  # one client in the stage's process streams every answer
 
     name = "openai"
 
@@ -487,16 +520,16 @@ class OpenAIBackend(ChatBackend):
         resolve_api_key(api_key_env, self.base_urls)  # fail early, before any request
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec) -> OpenAIBackend:
+    def from_spec(cls, spec: OpenAIOptions) -> OpenAIBackend:  # type: ignore[override]
         return cls(
             spec.model,
-            base_urls=spec.base_urls,
+            base_urls=list(spec.base_url),
             api_key_env=spec.api_key_env,
             params=spec.params,
             concurrency=spec.concurrency,
             timeout=spec.timeout,
             max_retries=spec.max_retries,
-            backoff=spec.backoff,
+            backoff=spec.retry_backoff,
             response_format=spec.response_format,
             client=spec.client,
             seed=spec.seed,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from .base import BackendSpec, ChatBackend
+    from .base import ChatBackend, LLMOptions
 
 LLM_BACKENDS: Registry[Any] = Registry("LLM backend", "icsd.llm_backends")
 LLM_BACKENDS.register("openai", "icsd.llm.openai:OpenAIBackend")
@@ -24,7 +24,13 @@ LLM_BACKENDS.register("llama-cpp", "icsd.llm.llamacpp_backend:LlamaCppBackend")
 LLM_BACKENDS.register("sandbox", "icsd.sandbox.selector:SandboxSelector")
 
 
-def make_backend(spec: BackendSpec) -> ChatBackend:
-    """The backend registered under ``spec.backend``, built from ``spec``."""
+def make_backend(spec: LLMOptions) -> ChatBackend:
+    """The backend registered under ``spec.backend``, built from ``spec`` (its validated options)."""
     backend: ChatBackend = LLM_BACKENDS.get(spec.backend).from_spec(spec)
     return backend
+
+
+def llm_options(backend: str, **settings: Any) -> LLMOptions:
+    """The options of ``backend`` (its ``Options`` model) from ``settings``, validated."""
+    options: LLMOptions = LLM_BACKENDS.get(backend).Options(backend=backend, **settings)
+    return options

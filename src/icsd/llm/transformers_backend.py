@@ -8,15 +8,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from pydantic import Field
+
 from ..errors import UserError
-from .base import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, K, batches
+from ..executor import resolve_device
+from .base import ChatAnswer, ChatBackend, ChatRequest, GenerationParams, K, LocalModelOptions, batches
 from .local import json_answer_prefix, local_model_label, plain_prompt, resolve_local_model
+
+
+class TransformersOptions(LocalModelOptions):
+    """``--backend transformers``: a causal LM loaded with transformers in this process."""
+
+    device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N.")
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate() call.")
 
 
 class TransformersBackend(ChatBackend):
     """Greedy batched generation with a transformers causal LM (left padding, chat template)."""
 
     name = "transformers"
+    Options = TransformersOptions
 
     def __init__(
         self,
@@ -49,11 +60,12 @@ class TransformersBackend(ChatBackend):
         self._torch = torch
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec) -> TransformersBackend:
-        return cls(spec.model, gguf_file=spec.gguf_file, params=spec.params, device=spec.device, batch_size=spec.batch_size)
+    def from_spec(cls, spec: TransformersOptions) -> TransformersBackend:  # type: ignore[override]
+        device = resolve_device(spec.device)
+        return cls(spec.model, gguf_file=spec.gguf_file, params=spec.params, device=device, batch_size=spec.batch_size)
 
     @classmethod
-    def label(cls, spec: BackendSpec) -> str:
+    def label(cls, spec: TransformersOptions) -> str:  # type: ignore[override]
         return local_model_label(spec.model, spec.gguf_file)
 
     def prompt_text(self, request: ChatRequest) -> str:

@@ -6,8 +6,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from ..errors import UserError
-from .base import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, K, batches
+from .base import ChatAnswer, ChatBackend, ChatRequest, GenerationParams, K, LocalModelOptions, batches
 from .local import local_model_label, resolve_local_model
 
 
@@ -33,11 +35,18 @@ def vllm_sampling_params(schema: dict[str, Any] | None, params: GenerationParams
     return vllm.SamplingParams(**kwargs)
 
 
+class VLLMOptions(LocalModelOptions):
+    """``--backend vllm``: the vLLM engine in this process."""
+
+    part_size: int = Field(default=1000, ge=1, description="Prompts per engine call (one output part).")
+
+
 class VLLMBackend(ChatBackend):
     """Offline vLLM: the whole chunk goes to ``LLM.chat`` and vLLM schedules it; the shared
     instruction at the head of every prompt is computed once thanks to prefix caching."""
 
     name = "vllm"
+    Options = VLLMOptions
 
     def __init__(
         self,
@@ -57,11 +66,11 @@ class VLLMBackend(ChatBackend):
         self.engine = engine
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec) -> VLLMBackend:
-        return cls(spec.model, gguf_file=spec.gguf_file, params=spec.params, chunk_size=spec.chunk_size, seed=spec.seed)
+    def from_spec(cls, spec: VLLMOptions) -> VLLMBackend:  # type: ignore[override]
+        return cls(spec.model, gguf_file=spec.gguf_file, params=spec.params, chunk_size=spec.part_size, seed=spec.seed)
 
     @classmethod
-    def label(cls, spec: BackendSpec) -> str:
+    def label(cls, spec: VLLMOptions) -> str:  # type: ignore[override]
         return local_model_label(spec.model, spec.gguf_file)
 
     @staticmethod

@@ -28,11 +28,9 @@ import numpy as np
 from ..backends.registry import T2I_BACKENDS
 from ..backends.t2i import (
     Rendered,
+    T2IOptions,
     T2IPipeline,
-    T2ISpec,
     cached_pipeline,
-    check_dtype,
-    check_scheduler,
     item_seed,
 )
 from ..config import RenderConfig
@@ -129,6 +127,7 @@ def choose_items(
     """Sorted by id; then the first ``limit`` or a seeded random ``sample`` of them (kept sorted)."""
     if limit is not None and sample is not None:
         raise UserError("use --limit or --sample, not both")
+    return options
     ordered = sorted(items, key=lambda it: it.item_id)
     duplicates = [a.item_id for a, b in zip(ordered, ordered[1:], strict=False) if a.item_id == b.item_id]
     if duplicates:
@@ -325,7 +324,7 @@ def render_shard(
 class RenderWorkerFactory:
     """Picklable: builds, once per worker process, a pipeline on that worker's device."""
 
-    spec: T2ISpec
+    spec: T2IOptions
     settings: RenderSettings
     batch_size: int
     devices: str
@@ -349,21 +348,17 @@ class RenderWorkerFactory:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _validate(cfg: RenderConfig) -> None:
-    check_scheduler(cfg.scheduler)
-    check_dtype(cfg.dtype)
+def _validate(cfg: RenderConfig) -> T2IOptions:
+    """The chosen backend's validated options (a diffusers backend checks its scheduler and dtype)."""
+    options: T2IOptions = cfg.options()
     if cfg.size % 8:
         raise UserError(f"--size must be a multiple of 8, got {cfg.size}")
     if cfg.limit is not None and cfg.sample is not None:
         raise UserError("use --limit or --sample, not both")
 
 
-def _backend_name(cfg: RenderConfig) -> str:
-    return "tiny-random" if cfg.tiny_random else cfg.backend
-
-
 def _backend(cfg: RenderConfig) -> Any:
-    return T2I_BACKENDS.get(_backend_name(cfg))
+    return T2I_BACKENDS.get(cfg.chosen_backend())
 
 
 def _model_path(cfg: RenderConfig, run: RunDir) -> str:
@@ -409,22 +404,12 @@ def _totals(tasks: Sequence[ShardTask]) -> tuple[int, int | None]:
 def run(cfg: RenderConfig, run: RunDir) -> StageResult:
     """Render every chosen item into ``RUN/images/shard-XXXXX.tar``; finished shards are kept."""
     timer = Timer()
-    _validate(cfg)
+    options = _validate(cfg)
     loaded = caption_items(run) if cfg.prompts == "captions" else summary_items(run)
     items = choose_items(loaded, limit=cfg.limit, sample=cfg.sample, seed=cfg.seed)
     model_path = _model_path(cfg, run)
     settings = _settings(cfg)
-    spec = T2ISpec(
-        model=model_path,
-        backend=_backend_name(cfg),
-        dtype=cfg.dtype,
-        scheduler=cfg.scheduler,
-        safety_checker=cfg.safety_checker,
-        compile=cfg.compile,
-        compile_mode=cfg.compile_mode,
-        channels_last=cfg.channels_last,
-        fuse_qkv=cfg.fuse_qkv,
-    )
+    spec = options.model_copy(update={"model": model_path})  # what the workers load
     shards = plan_shards(items, cfg.shard_size)
     tasks = [
         ShardTask(

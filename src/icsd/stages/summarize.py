@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from ..config import SummarizeConfig
 from ..errors import UserError
-from ..executor import ShardTask, count_workers, device_for_worker, resolve_device, run_tasks
-from ..llm import BackendSpec, ChatAnswer, ChatBackend, ChatRequest, GenerationParams, make_backend
+from ..executor import ShardTask, count_workers, device_for_worker, run_tasks
+from ..llm import LLM_BACKENDS, ChatAnswer, ChatBackend, ChatRequest, LLMOptions, make_backend
 from ..llm.answers import judge_answer
 from ..llm.cache import LLMCache, request_key
 from ..llm.prompts import (
@@ -372,7 +372,7 @@ class Progress:
 class SummarizeWorkerFactory:
     """Builds, once per worker process, the backend and the job; picklable for spawn and Ray."""
 
-    spec: BackendSpec
+    spec: LLMOptions
     device: str
     template_text: str
     template_source: str
@@ -382,7 +382,9 @@ class SummarizeWorkerFactory:
     verbatim: bool = False
 
     def __call__(self, index: int) -> Callable[[ShardTask, Callable[[int], None]], dict[str, Any]]:
-        spec = BackendSpec(**{**self.spec.__dict__, "device": device_for_worker(self.device, index)})
+        spec = self.spec
+        if "device" in type(spec).model_fields:  # a local model: this worker's device
+            spec = spec.model_copy(update={"device": device_for_worker(self.device, index)})
         backend = make_backend(spec)
         template = compile_template(self.template_text, self.template_source, self.settings, self.verbatim)
         job = Job(template=template, model=backend.model_id, params=backend.params.as_dict())
@@ -411,27 +413,6 @@ class SummarizeWorkerFactory:
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-def backend_spec(cfg: SummarizeConfig, device: str) -> BackendSpec:
-    return BackendSpec(
-        backend=cfg.backend,
-        model=cfg.model,
-        gguf_file=cfg.gguf_file,
-        base_urls=list(cfg.base_url),
-        api_key_env=cfg.api_key_env,
-        params=GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
-        concurrency=cfg.concurrency,
-        timeout=cfg.timeout,
-        max_retries=cfg.max_retries,
-        backoff=cfg.retry_backoff,
-        client=cfg.client,
-        response_format=cfg.response_format,
-        device=device,
-        batch_size=cfg.batch_size,
-        chunk_size=cfg.part_size,
-        seed=cfg.seed,
-    )
 
 
 def prompt_settings(cfg: SummarizeConfig) -> PromptSettings:
@@ -486,8 +467,7 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
     phash = template.hash
     groups = read_groups(run)
     chosen = choose_groups(len(groups.ids), limit=cfg.limit, sample=cfg.sample, seed=cfg.seed)
-    device = resolve_device(cfg.device) if cfg.backend == "transformers" else cfg.device
-    spec = backend_spec(cfg, device)
+    spec: LLMOptions = cfg.options()
     model = spec.model_label()
     folder = run.selection_parts
     notes: list[str] = []
@@ -509,7 +489,7 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
             seed = None if use_cache else retry_seed(cfg.seed, attempts[gid])
             return WorkItem(gid, shown, [groups.texts[c] for c in shown], use_cache, seed)
 
-        if cfg.retry and cfg.temperature == 0 and any(not make_item(i).use_cache for i in todo):
+        if cfg.retry and spec.temperature == 0 and any(not make_item(i).use_cache for i in todo):
             notes.append(
                 "note: --retry re-asks with a new seed, but temperature 0 decodes greedily, so most servers "
                 "answer the same; set --temperature (null: the server's default) for new answers"
@@ -520,11 +500,12 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
         if todo:
             cache = LLMCache(run.cache / "llm.sqlite")
             try:
-                if cfg.executor != "inline" and cfg.backend != "openai":
+                remote = LLM_BACKENDS.get(cfg.backend).remote
+                if cfg.executor != "inline" and not remote:
                     _run_as_tasks(cfg, spec, template, todo, make_item, folder, run.cache, info, tally)
                 else:
                     if cfg.executor != "inline":
-                        notes.append("note: the openai backend runs its async client in this process; --executor ignored")
+                        notes.append(f"note: the {cfg.backend} backend runs its client in this process; --executor ignored")
                     described = _run_streaming(cfg, spec, template, todo, make_item, folder, info, cache, tally)
             finally:
                 cache.close()
@@ -614,7 +595,7 @@ def run_remap(cfg: SummarizeConfig, run: RunDir, settings: PromptSettings, timer
 
 def _run_streaming(
     cfg: SummarizeConfig,
-    spec: BackendSpec,
+    spec: LLMOptions,
     template: PromptTemplate,
     todo: list[int],
     make_item: Callable[[int], WorkItem],
@@ -644,7 +625,7 @@ def _run_streaming(
 
 def _run_as_tasks(
     cfg: SummarizeConfig,
-    spec: BackendSpec,
+    spec: LLMOptions,
     template: PromptTemplate,
     todo: list[int],
     make_item: Callable[[int], WorkItem],
