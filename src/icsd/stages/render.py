@@ -127,7 +127,6 @@ def choose_items(
     """Sorted by id; then the first ``limit`` or a seeded random ``sample`` of them (kept sorted)."""
     if limit is not None and sample is not None:
         raise UserError("use --limit or --sample, not both")
-    return options
     ordered = sorted(items, key=lambda it: it.item_id)
     duplicates = [a.item_id for a, b in zip(ordered, ordered[1:], strict=False) if a.item_id == b.item_id]
     if duplicates:
@@ -355,6 +354,7 @@ def _validate(cfg: RenderConfig) -> T2IOptions:
         raise UserError(f"--size must be a multiple of 8, got {cfg.size}")
     if cfg.limit is not None and cfg.sample is not None:
         raise UserError("use --limit or --sample, not both")
+    return options
 
 
 def _backend(cfg: RenderConfig) -> Any:
