@@ -155,8 +155,10 @@ def test_a_plugin_that_fails_to_import_is_one_line_and_help_still_works(tmp_path
     env = env_with(site)
     shown = icsd("--help", env=env)
     assert "summarize" in shown.stdout and "brokenstage" not in shown.stdout
-    warning = [line for line in shown.stderr.splitlines() if line.strip()]
-    assert len(warning) == 1 and "broken-plugin" in warning[0] and "brokenstage" in warning[0], shown.stderr
+    # one line per broken entry (the backend's options cannot be listed, the stage is left out)
+    warnings = [line for line in shown.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 2 and all("broken-plugin" in w and w.endswith("left out") for w in warnings), shown.stderr
+    assert "brokenstage" in warnings[0] and "LLM backend 'broken'" in warnings[1]
 
     from icsd.errors import UserError
     from icsd.llm import make_backend

@@ -52,7 +52,7 @@ class StageConfig(BaseModel):
 
     def chosen_backend(self) -> str:
         """The registered name of the backend these settings choose."""
-        return str(getattr(self, "backend"))
+        return str(getattr(self, "backend"))  # noqa: B009 - a field of the subclasses that pick a backend
 
     def options(self) -> Any:
         """The chosen backend's options model, validated from these settings."""

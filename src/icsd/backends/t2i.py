@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-
 from pydantic import Field, field_validator
 
 from ..errors import UserError
@@ -382,12 +381,12 @@ class TinyRandomBackend(DiffusersBackend):
         return TINY_MODEL_NAME
 
 
-def load_generator(spec: T2ISpec, device: str) -> Any:
+def load_generator(spec: T2IOptions, device: str) -> Any:
     """The generator of ``spec.backend`` for ``spec.model`` on ``device``."""
     return T2I_BACKENDS.get(spec.backend).load(spec, device)
 
 
-_loaded: dict[tuple[T2ISpec, str], T2IPipeline] = {}
+_loaded: dict[tuple[T2IOptions, str], T2IPipeline] = {}
 _keep_loaded = False
 
 
@@ -400,7 +399,7 @@ def keep_pipelines_loaded(enabled: bool = True) -> None:
         _loaded.clear()
 
 
-def cached_pipeline(spec: T2ISpec, device: str) -> T2IPipeline:
+def cached_pipeline(spec: T2IOptions, device: str) -> T2IPipeline:
     """:func:`load_generator`, reusing the last one when :func:`keep_pipelines_loaded` is on."""
     if not _keep_loaded:
         return load_generator(spec, device)  # type: ignore[no-any-return]
