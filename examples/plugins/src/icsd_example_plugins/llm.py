@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from icsd.llm import BackendSpec, ChatAnswer, ChatBackend, ChatRequest
+from icsd.llm import LLMOptions, ChatAnswer, ChatBackend, ChatRequest
 
 _NUMBERED = re.compile(r"^\s*(\d+)[.)]\s+(.*\S)\s*$")
 _ANGLED = re.compile(r"<(\d+)>\s*(.*?)(?=\s*<\d+>|\s*$)", re.S)
@@ -51,11 +51,11 @@ class OverlapBackend(ChatBackend):
     name = "overlap"
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec) -> OverlapBackend:
+    def from_spec(cls, spec: LLMOptions) -> OverlapBackend:
         return cls(cls.label(spec), spec.params)
 
     @classmethod
-    def label(cls, spec: BackendSpec) -> str:
+    def label(cls, spec: LLMOptions) -> str:
         return "word-overlap"
 
     def stream(self, items: Iterable[tuple[Any, ChatRequest]]) -> Iterator[tuple[Any, ChatAnswer]]:
