@@ -27,6 +27,9 @@ RGB: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 170),
     "white": (250, 250, 250),
     "black": (20, 20, 20),
+    "pink": (245, 150, 190),
+    "brown": (120, 72, 30),
+    "gray": (150, 150, 150),
 }
 BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
     "grass": (110, 175, 80),
@@ -36,6 +39,10 @@ BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
     "water": (70, 140, 200),
     "floor": (160, 110, 65),
     "carpet": (165, 45, 60),
+    "dirt": (135, 100, 60),
+    "tiles": (200, 215, 215),
+    "ice": (175, 215, 235),
+    "gravel": (170, 160, 140),
 }
 SIZE_SCALE = {"small": 0.13, "medium": 0.19, "large": 0.26}  # object radius as a share of the image
 
@@ -294,6 +301,22 @@ def _background(img: Image.Image, name: str, rng: random.Random, style: Style) -
         for _ in range(25):
             sx, sy = rng.uniform(0, w), rng.uniform(0, h)
             d.ellipse([sx - 1, sy - 1, sx + 1, sy + 1], fill=(255, 255, 255))
+    elif name == "dirt":
+        for _ in range(30):
+            sx, sy = rng.uniform(0, w), rng.uniform(0, h)
+            d.ellipse([sx - 2, sy - 1, sx + 2, sy + 1], fill=_darker(base, 0.7))
+    elif name == "tiles":
+        for t in range(0, w, step):
+            d.line([(t, 0), (t, h)], fill=_darker(base, 0.8), width=max(1, w // 128))
+            d.line([(0, t), (w, t)], fill=_darker(base, 0.8), width=max(1, w // 128))
+    elif name == "ice":
+        for _ in range(6):
+            sx, sy = rng.uniform(0, w), rng.uniform(0, h)
+            d.line([(sx, sy), (sx + w / 6, sy + h / 12)], fill=(235, 245, 250), width=max(1, w // 96))
+    elif name == "gravel":
+        for _ in range(60):
+            sx, sy = rng.uniform(0, w), rng.uniform(0, h)
+            d.ellipse([sx - 1, sy - 1, sx + 1, sy + 1], fill=_darker(base, rng.uniform(0.6, 0.9)))
     if style.texture > 0:
         arr = np.asarray(img, dtype=np.float32)
         gen = np.random.default_rng(rng.getrandbits(32))

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 
 # ----------------------------------------------------------------------------- the world's words
 
-BACKGROUNDS: tuple[str, ...] = ("grass", "sand", "snow", "road", "water", "floor", "carpet")
+BACKGROUNDS: tuple[str, ...] = (
+    "grass", "sand", "snow", "road", "water", "floor", "carpet", "dirt", "tiles", "ice", "gravel",
+)  # fmt: skip
 # phrases a caption may use for a background; the first of each is what summaries write
 BACKGROUND_PHRASES: dict[str, tuple[str, ...]] = {
     "grass": ("on the grass", "in a grassy field", "on a lawn"),
@@ -24,6 +26,10 @@ BACKGROUND_PHRASES: dict[str, tuple[str, ...]] = {
     "water": ("in the water", "on a lake", "on the water"),
     "floor": ("on a wooden floor", "on the floor", "on the wooden boards"),
     "carpet": ("on a red carpet", "on the carpet", "on a rug"),
+    "dirt": ("on the dirt", "on a farm", "in a muddy yard"),
+    "tiles": ("on a tiled floor", "in a bathroom", "on the tiles"),
+    "ice": ("on the ice", "on an ice rink", "on a frozen pond"),
+    "gravel": ("on the gravel", "on a gravel path", "in a garden"),
 }
 # single words (after the phrase has been matched) that name a background in "a X with ..." forms
 BACKGROUND_NOUNS: dict[str, tuple[str, ...]] = {
@@ -34,6 +40,10 @@ BACKGROUND_NOUNS: dict[str, tuple[str, ...]] = {
     "water": ("a lake", "a calm lake"),
     "floor": ("a wooden floor", "a room with a wooden floor"),
     "carpet": ("a carpeted room", "a rug"),
+    "dirt": ("a muddy yard", "a farmyard"),
+    "tiles": ("a tiled bathroom", "a bathroom"),
+    "ice": ("an ice rink", "a frozen pond"),
+    "gravel": ("a gravel path", "a garden path"),
 }
 
 KINDS: tuple[str, ...] = (
@@ -63,7 +73,9 @@ NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
     "chair": (("chair", "chairs"),),
     "lamp": (("lamp", "lamps"),),
 }
-COLOURS: tuple[str, ...] = ("red", "blue", "green", "yellow", "orange", "purple", "white", "black")
+COLOURS: tuple[str, ...] = (
+    "red", "blue", "green", "yellow", "orange", "purple", "white", "black", "pink", "brown", "gray",
+)  # fmt: skip
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "little", "tiny"),
@@ -211,7 +223,9 @@ _BG_TABLE = _pattern(
     + [(n.removeprefix("a ").removeprefix("the "), b) for b, ns in BACKGROUND_NOUNS.items() for n in ns]
     + [(w, b) for b, w in (("grass", "grass"), ("sand", "sand"), ("snow", "snow"), ("road", "road"),
                            ("water", "water"), ("floor", "floor"), ("carpet", "carpet"), ("beach", "sand"),
-                           ("lawn", "grass"), ("street", "road"), ("lake", "water"), ("rug", "carpet"))]
+                           ("lawn", "grass"), ("street", "road"), ("lake", "water"), ("rug", "carpet"),
+                           ("dirt", "dirt"), ("farm", "dirt"), ("tiles", "tiles"), ("bathroom", "tiles"),
+                           ("ice", "ice"), ("rink", "ice"), ("gravel", "gravel"), ("garden", "gravel"))]
 )  # fmt: skip
 _POS_TABLE = _pattern([(p, pos) for pos, ps in POSITION_PHRASES.items() for p in ps])
 _REL_TABLE = _pattern([(p, rel) for rel, ps in RELATION_PHRASES.items() for p in ps])

@@ -10,7 +10,7 @@ DIR/
 ```
 
 Config paths ``sandbox:NAME/FILE`` (e.g. ``sandbox:default/train.txt``) name a file of the world
-preset ``NAME`` (:data:`WORLDS`); the world is written on first use into ``$ICSD_SANDBOX_DIR``
+preset ``NAME`` (:data:`WORLDS`), ``sandbox:NAME@SEED/FILE`` the same preset with world seed SEED; the world is written on first use into ``$ICSD_SANDBOX_DIR``
 (default ``~/.cache/icsd/sandbox``), deterministically and in seconds, and reused after.
 """
 
@@ -32,7 +32,7 @@ from .draw import CAMERA, Style, draw_scene
 from .world import random_scene, scene_captions
 
 PREFIX = "sandbox:"
-VERSION = 2  # bump when the world's generator changes what it writes
+VERSION = 3  # bump when the world's generator changes what it writes
 WORLD_FILE = "world.json"  # the spec a world was made from, written last
 
 
@@ -40,7 +40,7 @@ WORLD_FILE = "world.json"  # the spec a world was made from, written last
 class WorldSpec:
     seed: int = 0
     train_scenes: int = 600
-    val_scenes: int = 60
+    val_scenes: int = 200
     test_scenes: int = 200
     captions_per_scene: int = 5
     image_size: int = 64
@@ -54,6 +54,7 @@ class WorldSpec:
 WORLDS: dict[str, WorldSpec] = {
     "default": WorldSpec(),
     "small": WorldSpec(train_scenes=120, val_scenes=12, test_scenes=20),
+    "large": WorldSpec(train_scenes=2000),  # the same world at 10,000 captions (the corpus-size sweep)
 }
 
 
@@ -135,9 +136,16 @@ def sandbox_root() -> Path:
 
 
 def world_spec(name: str) -> WorldSpec:
-    if name not in WORLDS:
-        raise UserError(f"unknown sandbox world {name!r}; worlds: {', '.join(WORLDS)}")
-    return WORLDS[name]
+    """Preset ``name``, or ``name@SEED``: the same preset with another world seed (a world nobody
+    has seen: ``sandbox:default@7/train.txt``)."""
+    preset, _, seed = name.partition("@")
+    if preset not in WORLDS:
+        raise UserError(f"unknown sandbox world {preset!r}; worlds: {', '.join(WORLDS)}")
+    if not seed:
+        return WORLDS[preset]
+    if not seed.isdigit():
+        raise UserError(f"a sandbox world seed is a whole number: {name!r} (e.g. {preset}@7)")
+    return replace(WORLDS[preset], seed=int(seed))
 
 
 def ensure_world(name: str, root: Path | None = None) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,16 +59,61 @@ OBJECTS_PER_SCENE = (1, 2, 3, 4, 5)
 OBJECT_WEIGHTS = (0.05, 0.15, 0.3, 0.3, 0.2)  # cluttered, as photos are
 COUNT_WEIGHTS = (0.7, 0.2, 0.1)  # one, two or three of a kind
 
+# Scene types: where a photo is taken decides what is in it (COCO: a kitchen has a sink and a cup, a
+# beach an umbrella and a kite). Each type has a background and the kinds found there, most likely
+# first; an object is of the type's kinds with probability 1 - OFF_TYPE, else of any kind.
+SCENE_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "beach": ("sand", ("umbrella", "ball", "kite", "boat", "hat", "bird", "chair", "bottle")),
+    "park": ("grass", ("tree", "kite", "flower", "ball", "bird", "house", "chair", "umbrella")),
+    "snowfield": ("snow", ("tree", "house", "hat", "car", "star", "cone", "bird", "box")),
+    "street": ("road", ("car", "cone", "house", "lamp", "tree", "clock", "box", "bird")),
+    "lake": ("water", ("boat", "fish", "bird", "ring", "ball", "kite", "house", "tree")),
+    "kitchen": ("floor", ("cup", "bottle", "clock", "chair", "box", "lamp", "flower", "star")),
+    "living room": ("carpet", ("chair", "lamp", "box", "ball", "hat", "clock", "star", "ring")),
+    "farm": ("dirt", ("house", "car", "tree", "box", "bird", "hat", "flower", "cone")),
+    "bathroom": ("tiles", ("bottle", "cup", "lamp", "clock", "ring", "box", "fish", "flower")),
+    "rink": ("ice", ("hat", "star", "cone", "ball", "ring", "house", "tree", "bird")),
+    "garden": ("gravel", ("flower", "tree", "chair", "umbrella", "bird", "house", "lamp", "cup")),
+}
+TYPE_KIND_WEIGHTS = (8, 5, 3, 2, 1, 1, 1, 1)  # the i-th kind of a type, relative to the others
+OFF_TYPE = 0.03
+# The subject: COCO photos have one (86 % of an image's captions name its most-named object, the
+# calibration table); it is the first object of a scene, drawn larger and more often in the middle.
+SUBJECT_SIZE_WEIGHTS = (0.1, 0.3, 0.6)  # small, medium, large
+SUBJECT_MIDDLE = 0.5
+
+
+def _kinds(rng: random.Random, scene_type: str, n: int) -> list[str]:
+    kinds: list[str] = []
+    typical, weights = list(SCENE_TYPES[scene_type][1]), list(TYPE_KIND_WEIGHTS)
+    while len(kinds) < n:
+        pool = [k for k in KINDS if k not in kinds]
+        own = [(k, w) for k, w in zip(typical, weights, strict=True) if k not in kinds]
+        if own and rng.random() >= OFF_TYPE:
+            kinds.append(rng.choices([k for k, _ in own], [w for _, w in own])[0])
+        else:
+            kinds.append(rng.choice(pool))
+    return kinds
+
 
 def random_scene(rng: random.Random) -> Scene:
+    """A scene of a random type: its background, a subject and 0-4 more objects that go with it."""
+    scene_type = rng.choice(sorted(SCENE_TYPES))
     n = rng.choices(OBJECTS_PER_SCENE, OBJECT_WEIGHTS)[0]
-    kinds = rng.sample(KINDS, n)
-    cells = rng.sample(POSITIONS, n)
+    kinds = _kinds(rng, scene_type, n)
+    subject_cell = "middle" if rng.random() < SUBJECT_MIDDLE else rng.choice(POSITIONS)
+    cells = [subject_cell] + rng.sample([p for p in POSITIONS if p != subject_cell], n - 1)
     objects = tuple(
-        Placed(kind, rng.choice(COLOURS), rng.choice(SIZES), rng.choices((1, 2, 3), COUNT_WEIGHTS)[0], cell)
-        for kind, cell in zip(kinds, cells, strict=True)
+        Placed(
+            kind,
+            rng.choice(COLOURS),
+            rng.choices(SIZES, SUBJECT_SIZE_WEIGHTS)[0] if i == 0 else rng.choice(SIZES),
+            rng.choices((1, 2, 3), COUNT_WEIGHTS)[0],
+            cell,
+        )
+        for i, (kind, cell) in enumerate(zip(kinds, cells, strict=True))
     )
-    return Scene(rng.choice(BACKGROUNDS), objects)
+    return Scene(SCENE_TYPES[scene_type][0], objects)
 
 
 def true_relations(scene: Scene) -> list[tuple[str, str, str]]:
@@ -101,18 +147,35 @@ def agrees(desc: Description, scene: Scene) -> list[str]:
 # ----------------------------------------------------------------------------- captions
 
 
+COLOUR_MENTION = 0.95
+SETTING_SCALE = 3.0
+
+
 def _mention(obj: Placed, rng: random.Random, *, position: bool = False) -> Mention:
     return Mention(
         kind=obj.kind,
-        colour=obj.colour if rng.random() < 0.75 else None,
+        colour=obj.colour if rng.random() < COLOUR_MENTION else None,
         size=obj.size if obj.size != "medium" and rng.random() < 0.35 else None,
         count=obj.count,
         position=obj.position if position else None,
     )
 
 
-def _np(m: Mention, rng: random.Random) -> str:
-    return noun_phrase(m, synonym=rng.randrange(3), size_word=rng.randrange(3))
+# People who caption one photo mostly agree on what to call a thing (a sailboat is a "sailboat" to
+# most of them): each object of a scene has a preferred noun, used with this probability.
+NOUN_AGREEMENT = 0.95
+
+
+def _preferred_noun(scene: Scene, kind: str) -> int:
+    obj = scene.get(kind)
+    key = f"{scene.background}|{kind}|{obj.colour if obj else ''}|{obj.position if obj else ''}"
+    return zlib.crc32(key.encode())
+
+
+def _np(m: Mention, rng: random.Random, scene: Scene) -> str:
+    synonym = _preferred_noun(scene, m.kind) if rng.random() < NOUN_AGREEMENT else rng.randrange(3)
+    size_word = synonym if rng.random() < NOUN_AGREEMENT else rng.randrange(3)
+    return noun_phrase(m, synonym=synonym, size_word=size_word)
 
 
 def _pos(m: Mention, rng: random.Random) -> str:
@@ -120,7 +183,15 @@ def _pos(m: Mention, rng: random.Random) -> str:
 
 
 def _bg(scene: Scene, rng: random.Random) -> str:
-    return rng.choice(BACKGROUND_PHRASES[scene.background])
+    phrases = BACKGROUND_PHRASES[scene.background]
+    if rng.random() < NOUN_AGREEMENT:
+        return phrases[zlib.crc32(repr(scene).encode()) % len(phrases)]
+    return rng.choice(phrases)
+
+
+def _setting(scene: Scene, rng: random.Random, p: float) -> str:
+    """`` on the beach`` with probability ``p`` * :data:`SETTING_SCALE`, else nothing."""
+    return f" {_bg(scene, rng)}" if rng.random() < min(1.0, p * SETTING_SCALE) else ""
 
 
 def _be(m: Mention) -> str:
@@ -130,17 +201,38 @@ def _be(m: Mention) -> str:
 Pattern = Callable[[Scene, random.Random], str | None]
 
 
+# How people pick what to name: the subject first (most captions name it), the other objects by
+# how prominent they are (the scene's order), each less often than the one before.
+SUBJECT_MENTION = 0.9
+OTHER_DECAY = 0.25
+
+
+def _salience_order(scene: Scene, rng: random.Random) -> list[Placed]:
+    """The scene's objects in the order a caption writer reaches for them."""
+    rest = list(scene.objects[1:])
+    order = []
+    weights = [OTHER_DECAY**i for i in range(len(rest))]
+    while rest:
+        i = rng.choices(range(len(rest)), weights)[0]
+        order.append(rest.pop(i))
+        weights.pop(i)
+    subject = scene.objects[:1]
+    if subject and rng.random() < SUBJECT_MENTION:
+        return [*subject, *order]
+    return [*order, *subject]
+
+
 def _pick(scene: Scene, rng: random.Random, n: int) -> list[Placed] | None:
-    return rng.sample(scene.objects, n) if len(scene.objects) >= n else None
+    return _salience_order(scene, rng)[:n] if len(scene.objects) >= n else None
 
 
 def _one(scene: Scene, rng: random.Random) -> Placed | None:
-    return rng.choice(scene.objects) if scene.objects else None
+    return _salience_order(scene, rng)[0] if scene.objects else None
 
 
 def p_object_on_background(s: Scene, r: random.Random) -> str | None:
     o = _one(s, r)
-    return f"{_np(_mention(o, r), r)} {_bg(s, r)}" if o else None
+    return f"{_np(_mention(o, r), r, s)} {_bg(s, r)}" if o else None
 
 
 def p_there_is_at(s: Scene, r: random.Random) -> str | None:
@@ -148,23 +240,23 @@ def p_there_is_at(s: Scene, r: random.Random) -> str | None:
     if o is None:
         return None
     m = _mention(o, r, position=True)
-    return f"there {_be(m)} {_np(m, r)} {_pos(m, r)}"
+    return f"there {_be(m)} {_np(m, r, s)} {_pos(m, r)}"
 
 
 def p_two_objects(s: Scene, r: random.Random) -> str | None:
     objs = _pick(s, r, 2)
     if not objs:
         return None
-    a, b = (_np(_mention(o, r), r) for o in objs)
-    return f"{a} and {b}" + (f" {_bg(s, r)}" if r.random() < 0.4 else "")
+    a, b = (_np(_mention(o, r), r, s) for o in objs)
+    return f"{a} and {b}" + _setting(s, r, 0.4)
 
 
 def p_three_objects(s: Scene, r: random.Random) -> str | None:
     objs = _pick(s, r, 3)
     if not objs:
         return None
-    a, b, c = (_np(_mention(o, r), r) for o in objs)
-    return f"{a}, {b} and {c}" + (f" {_bg(s, r)}" if r.random() < 0.3 else "")
+    a, b, c = (_np(_mention(o, r), r, s) for o in objs)
+    return f"{a}, {b} and {c}" + _setting(s, r, 0.3)
 
 
 def p_picture_of(s: Scene, r: random.Random) -> str | None:
@@ -172,14 +264,14 @@ def p_picture_of(s: Scene, r: random.Random) -> str | None:
     if o is None:
         return None
     lead = r.choice(("a picture of", "a photo of", "an image of", "a photo showing"))
-    return f"{lead} {_np(_mention(o, r), r)}" + (f" {_bg(s, r)}" if r.random() < 0.5 else "")
+    return f"{lead} {_np(_mention(o, r), r, s)}" + _setting(s, r, 0.5)
 
 
 def p_background_with(s: Scene, r: random.Random) -> str | None:
     objs = _pick(s, r, min(len(s.objects), r.choice((1, 2))))
     if not objs:
         return None
-    nps = [_np(_mention(o, r), r) for o in objs]
+    nps = [_np(_mention(o, r), r, s) for o in objs]
     return f"{r.choice(BACKGROUND_NOUNS[s.background])} with " + " and ".join(nps)
 
 
@@ -196,9 +288,7 @@ def p_relation(s: Scene, r: random.Random) -> str | None:
     if found is None:
         return None
     a, rel, b = found
-    return f"{_np(_mention(a, r), r)} {r.choice(RELATION_PHRASES[rel])} {_np(_mention(b, r), r)}" + (
-        f" {_bg(s, r)}" if r.random() < 0.3 else ""
-    )
+    return f"{_np(_mention(a, r), r, s)} {r.choice(RELATION_PHRASES[rel])} {_np(_mention(b, r), r, s)}" + _setting(s, r, 0.3)
 
 
 def p_there_is_relation(s: Scene, r: random.Random) -> str | None:
@@ -207,12 +297,12 @@ def p_there_is_relation(s: Scene, r: random.Random) -> str | None:
         return None
     a, rel, b = found
     ma = _mention(a, r)
-    return f"there {_be(ma)} {_np(ma, r)} {r.choice(RELATION_PHRASES[rel])} {_np(_mention(b, r), r)}"
+    return f"there {_be(ma)} {_np(ma, r, s)} {r.choice(RELATION_PHRASES[rel])} {_np(_mention(b, r), r, s)}"
 
 
 def p_close_up(s: Scene, r: random.Random) -> str | None:
     o = _one(s, r)
-    return f"a close up of {_np(_mention(o, r), r)}" if o else None
+    return f"a close up of {_np(_mention(o, r), r, s)}" if o else None
 
 
 def p_sitting(s: Scene, r: random.Random) -> str | None:
@@ -220,14 +310,14 @@ def p_sitting(s: Scene, r: random.Random) -> str | None:
     if o is None:
         return None
     verb = r.choice(("sitting", "lying", "standing", "resting"))
-    return f"{_np(_mention(o, r), r)} {verb} {_bg(s, r)}"
+    return f"{_np(_mention(o, r), r, s)} {verb} {_bg(s, r)}"
 
 
 def p_scene_with(s: Scene, r: random.Random) -> str | None:
     objs = _pick(s, r, 2)
     if not objs:
         return None
-    a, b = (_np(_mention(o, r), r) for o in objs)
+    a, b = (_np(_mention(o, r), r, s) for o in objs)
     return f"{r.choice(('a scene with', 'a view of', 'a colorful scene with'))} {a} and {b}"
 
 
@@ -236,7 +326,7 @@ def p_two_positions(s: Scene, r: random.Random) -> str | None:
     if not objs:
         return None
     ma, mb = (_mention(o, r, position=True) for o in objs)
-    return f"{_np(ma, r)} {_pos(ma, r)} and {_np(mb, r)} {_pos(mb, r)}"
+    return f"{_np(ma, r, s)} {_pos(ma, r)} and {_np(mb, r, s)} {_pos(mb, r)}"
 
 
 def p_position_first(s: Scene, r: random.Random) -> str | None:
@@ -244,7 +334,7 @@ def p_position_first(s: Scene, r: random.Random) -> str | None:
     if o is None:
         return None
     m = _mention(o, r, position=True)
-    return f"{_np(m, r)} {_pos(m, r)} of the picture" + (f" {_bg(s, r)}" if r.random() < 0.3 else "")
+    return f"{_np(m, r, s)} {_pos(m, r)} of the picture" + _setting(s, r, 0.3)
 
 
 PATTERNS: tuple[Pattern, ...] = (
@@ -252,6 +342,7 @@ PATTERNS: tuple[Pattern, ...] = (
     p_background_with, p_relation, p_there_is_relation, p_close_up, p_sitting, p_scene_with,
     p_two_positions, p_position_first,
 )  # fmt: skip
+PATTERN_AGREEMENT = 0.7
 PATTERN_WEIGHTS = (3, 2, 3, 1, 2, 2, 2, 1, 1, 2, 2, 1, 1)
 
 
@@ -259,9 +350,10 @@ def scene_captions(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     """``n`` distinct partial captions of ``scene`` (true, COCO-like, 1-3 objects each)."""
     out: list[str] = []
     tries = 0
+    preferred = PATTERNS[zlib.crc32(repr(scene).encode()) % len(PATTERNS)]
     while len(out) < n and tries < 200:
         tries += 1
-        pattern = rng.choices(PATTERNS, PATTERN_WEIGHTS)[0]
+        pattern = preferred if rng.random() < PATTERN_AGREEMENT else rng.choices(PATTERNS, PATTERN_WEIGHTS)[0]
         text = pattern(scene, rng)
         if text and text not in out:
             out.append(text)
@@ -295,11 +387,14 @@ def _layout(desc: Description, kinds: list[str], rng: random.Random) -> dict[str
     return best or cells
 
 
-def realise(desc: Description, rng: random.Random, extra_objects: float = 0.0) -> Scene:
-    """A scene showing everything ``desc`` says; what it leaves open comes from ``rng``. With
-    ``extra_objects`` > 0, each free cell holds an unmentioned object with that probability."""
+def realise(
+    desc: Description, rng: random.Random, extra_objects: float = 0.0, capacity: int = len(POSITIONS)
+) -> Scene:
+    """A scene showing what ``desc`` says of its first ``capacity`` kinds; what it leaves open
+    comes from ``rng``. With ``extra_objects`` > 0, each free cell holds an unmentioned object with
+    that probability."""
     background = desc.background or rng.choice(BACKGROUNDS)
-    kinds = list(desc.objects)[: len(POSITIONS)]
+    kinds = list(desc.objects)[: min(capacity, len(POSITIONS))]
     free = [k for k in KINDS if k not in kinds]
     n_extra = sum(rng.random() < extra_objects for _ in range(len(POSITIONS) - len(kinds)))
     extra = rng.sample(free, n_extra)
