@@ -44,12 +44,40 @@ METHODS = {
     "icsd_kind_true": "sandbox_icsd.yaml",
 }
 TEXT_STAGES = ("captions.parquet", "embeddings", "candidates.parquet")
+WORLD = "default"  # the world preset the runs use; --world-seed N makes it "default@N"
+WORLD_PATHS = (
+    "ingest.corpus",
+    "train.val_images",
+    "train.val_captions",
+    "evaluate.annotations",
+    "evaluate.images",
+)
 REFERENCE = "reference_scores.json"  # what every sandbox run's report shows beside its own scores
 
 
+def world_overrides(world: str) -> list[str]:
+    """``--stage.key=value`` overrides pointing every world path of the configs at world ``world``."""
+    if world == "default":
+        return []
+    import yaml
+
+    from icsd.config import quickstart_config_path
+
+    quickstart = yaml.safe_load(quickstart_config_path().read_text(encoding="utf-8"))
+    out = []
+    for key in WORLD_PATHS:
+        stage, field = key.split(".")
+        value = str(quickstart[stage][field]).replace("sandbox:default/", f"sandbox:{world}/")
+        out.append(f"--{key}={value}")
+    return out
+
+
 def icsd(*args: str) -> subprocess.CompletedProcess[str]:
+    """One icsd command in a subprocess with one torch thread (sandbox results depend on the
+    thread count; docs/sandbox-protocol.md fixes it at 1)."""
     cmd = [sys.executable, "-m", "icsd.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return result
@@ -109,6 +137,13 @@ def rendered_pairs(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dic
     return pairs, scenes, {k: v for k, v in prompts.items() if safe_key(k) in keys}
 
 
+def renderer_capacity(run: Path) -> int:
+    from icsd.sandbox.renderer import parse_model
+
+    config = json.loads((run / "manifest.json").read_text())["stages"]["render"]["config"]
+    return parse_model(config["model"]).capacity
+
+
 def names_only_kinds_shown(caption: str, scene: Any) -> bool:
     from icsd.sandbox.lexicon import parse
 
@@ -131,8 +166,10 @@ def pair_statistics(run: Path) -> dict[str, float]:
         "objects_per_image": round(statistics.mean(len(s.objects) for s in scenes.values()), 2),
         "pairs_all_true": round(sum(true) / max(1, len(true)), 3),
         "pairs_naming_only_kinds_shown": round(sum(kinds_shown) / max(1, len(kinds_shown)), 3),
-        "prompts_over_five_kinds": round(
-            sum(len(parse(text).objects) > 5 for text in prompts.values()) / max(1, len(scenes)), 3
+        "prompts_over_capacity": round(
+            sum(len(parse(text).objects) > renderer_capacity(run) for text in prompts.values())
+            / max(1, len(scenes)),
+            3,
         ),
     }
 
@@ -201,7 +238,7 @@ def test_scores(run: Path) -> dict[str, float]:
 def world_file(name: str) -> Path:
     from icsd.sandbox.make import resolve_path
 
-    return Path(resolve_path(f"sandbox:default/{name}"))
+    return Path(resolve_path(f"sandbox:{WORLD}/{name}"))
 
 
 def fixed_caption_bound(out: Path) -> tuple[str, dict[str, float]]:
@@ -228,7 +265,11 @@ def fixed_caption_bound(out: Path) -> tuple[str, dict[str, float]]:
 
 
 def publish(
-    results: dict[str, dict[int, dict[str, float]]], caption: str, fixed: dict[str, float], seeds: list[int]
+    results: dict[str, dict[int, dict[str, float]]],
+    caption: str,
+    fixed: dict[str, float],
+    seeds: list[int],
+    primary: dict[str, Any] | None = None,
 ) -> None:
     methods: dict[str, dict[str, object]] = {}
     for method, by_seed in results.items():
@@ -241,20 +282,238 @@ def publish(
         }
     methods["fixed caption (bound)"] = {"CIDEr_mean": round(fixed["CIDEr"], 4), "CIDEr_sd": 0.0,
                                         "Bleu_4_mean": round(fixed.get("Bleu_4", 0.0), 4), "note": caption}  # fmt: skip
-    doc = {
+    doc: dict[str, Any] = {
         "note": f"test CIDEr mean ± sd over seeds {seeds} (benchmarks/sandbox_compare.py; docs/sandbox.md)",
+        "world": WORLD,
         "methods": methods,
     }
+    if primary:
+        doc["icsd_minus_uni_context"] = primary
     (REPO / "src" / "icsd" / "sandbox" / REFERENCE).write_text(
         json.dumps(doc, indent=1) + "\n", encoding="utf-8"
     )
 
 
+def selection_statistics(run: Path) -> dict[str, float]:
+    """How the selector chose, measured against the hidden scenes (read here only, never by the
+    selector): the share of candidate sets answered ``ok``, captions selected per ok set, and the
+    share of selected captions written about the head caption's own scene."""
+    import pyarrow.parquet as pq
+
+    if not (run / "selections.parquet").exists():
+        return {}
+    texts = {r["caption_id"]: r["text"] for r in pq.read_table(run / "captions.parquet").to_pylist()}
+    scenes_of: dict[str, set[int]] = collections.defaultdict(set)
+    data = json.loads(world_file("train_scenes.json").read_text(encoding="utf-8"))
+    for k, entry in enumerate(data["scenes"]):
+        for caption in entry["captions"]:
+            scenes_of[" ".join(caption.split())].add(k)
+    rows = pq.read_table(run / "selections.parquet").to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    own = total = 0
+    for r in ok:
+        head = scenes_of[" ".join(texts[r["group_id"]].split())]
+        for cid in r["selected_ids"]:
+            total += 1
+            own += bool(scenes_of[" ".join(texts[cid].split())] & head)
+    return {
+        "ok_share": round(len(ok) / max(1, len(rows)), 3),
+        "selected_per_set": round(statistics.mean(len(r["selected_ids"]) for r in ok), 2) if ok else 0.0,
+        "selected_from_head_scene": round(own / max(1, total), 3),
+    }
+
+
+def run_chain(
+    out: Path, method: str, seed: int, extra: list[str]
+) -> tuple[str, int, dict[str, float], float]:
+    run = out / f"{method}-s{seed}"
+    if method == "icsd_kind_true":
+        dropped = kind_true_copy(out / f"icsd-s{seed}", run)
+        done = "already there" if dropped is None else f"{dropped} kind-false pairs dropped"
+        print(f"{run.name}: {done} (from icsd-s{seed})", flush=True)
+    elif method != "uni_context":
+        seed_text_stages(out / "text", run)
+    start = time.perf_counter()
+    icsd("run", str(REPO / "configs" / METHODS[method]), "--run", str(run),
+         f"--train.seed={seed}", f"--summarize.seed={seed}", f"--render.seed={seed}", *extra)  # fmt: skip
+    seconds = round(time.perf_counter() - start, 1)
+    scores = test_scores(run)
+    print(f"{run.name}: test CIDEr {scores['CIDEr']:.3f} ({seconds:.0f}s)", flush=True)
+    return method, seed, scores, seconds
+
+
+def run_methods(
+    out: Path, methods: list[str], seeds: list[int], extra: list[str], jobs: int
+) -> tuple[dict[str, dict[int, dict[str, float]]], dict[str, float]]:
+    """Every (method, seed) chain of ``out``, ``jobs`` at a time (each on one torch thread); the
+    text stages (ingest, embed, group) are run once and copied, as they do not depend on the seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if (
+        any(m not in ("uni_context", "icsd_kind_true") for m in methods)
+        and not (out / "text" / "manifest.json").exists()
+    ):
+        icsd(
+            "run",
+            str(REPO / "configs" / METHODS["icsd"]),
+            "--run",
+            str(out / "text"),
+            "--to",
+            "group",
+            *extra,
+        )
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    seconds: dict[str, float] = {}
+    first = [(m, s) for s in seeds for m in methods if m != "icsd_kind_true"]
+    later = [(m, s) for s in seeds for m in methods if m == "icsd_kind_true"]
+    for batch in (first, later):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for method, seed, scores, secs in pool.map(lambda ms: run_chain(out, ms[0], ms[1], extra), batch):
+                results.setdefault(method, {})[seed] = scores
+                seconds[f"{method}-s{seed}"] = secs
+    return results, seconds
+
+
+def collect(folders: list[Path]) -> tuple[dict[str, dict[int, dict[str, float]]], list[Path]]:
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    runs: list[Path] = []
+    for folder in folders:
+        for run in sorted(folder.glob("*-s[0-9]*")):
+            method, _, seed = run.name.rpartition("-s")
+            if method in METHODS and (run / "eval" / BENCH / "scores.json").exists():
+                results.setdefault(method, {})[int(seed)] = test_scores(run)
+                runs.append(run)
+    return results, runs
+
+
+def results_table(
+    results: dict[str, dict[int, dict[str, float]]], caption: str, fixed: dict[str, float]
+) -> str:
+    metrics = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
+    lines = [
+        "| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
+    for method, by_seed in results.items():
+        cells = []
+        for m in metrics:
+            vals = [s[m] for s in by_seed.values() if m in s]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "")
+        per_seed = ", ".join(f"{by_seed[s]['CIDEr']:.3f}" for s in sorted(by_seed))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {per_seed} |")
+    lines.append(
+        f'| fixed caption "{caption}" | '
+        + " | ".join(f"{fixed.get(m, 0):.3f}" for m in metrics)
+        + " | (no seed) |"
+    )
+    return "\n".join(lines)
+
+
+def primary_result(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any] | None:
+    from icsd.sandbox.experiment import decide, paired_difference
+
+    if "icsd" not in results or "uni_context" not in results:
+        return None
+    cider = {m: {s: r["CIDEr"] for s, r in results[m].items()} for m in ("icsd", "uni_context")}
+    diff = paired_difference(cider["icsd"], cider["uni_context"])
+    return {**diff, "decision": decide(diff)}
+
+
+# The sweep of docs/sandbox.md ("When does multi-context help?"): each variant changes one thing
+# of the primary comparison; methods whose chain the change does not touch reuse the primary runs.
+SWEEP: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
+    # name: (what it varies, overrides, methods rerun)
+    "select-5": ("selection count: at most 5", ["summarize.max_select=5"], ("icsd",)),
+    "select-7": ("selection count: at most 7", ["summarize.max_select=7"], ("icsd",)),
+    "capacity-2": ("renderer capacity: 2 kinds", ["render.model=world:capacity=2"], ("icsd", "uni_context")),
+    "capacity-5": ("renderer capacity: 5 kinds", ["render.model=world:capacity=5"], ("icsd", "uni_context")),
+    "close-up": (
+        "composition gap: short prompts drawn close up",
+        ["render.model=world:close_up=1"],
+        ("icsd", "uni_context"),
+    ),
+    "corpus-10k": ("corpus: 10,000 captions (2,000 scenes)", [], ("icsd", "uni_context")),
+}
+PRIMARY_LABEL = "primary: select 5-10, capacity 3, no close-up, 3,000 captions"
+
+
+def sweep(
+    out: Path, primary: dict[str, dict[int, dict[str, float]]], seeds: list[int], jobs: int
+) -> dict[str, Any]:
+    """Run every :data:`SWEEP` variant with ``seeds`` under ``out/sweep``; the ICSD minus
+    uni-context gap of each, with its interval, as a table and a figure."""
+    from icsd.sandbox.experiment import paired_difference
+
+    rows: dict[str, Any] = {}
+    base = {m: {s: r["CIDEr"] for s, r in primary[m].items() if s in seeds} for m in ("icsd", "uni_context")}
+    rows["primary"] = {"label": PRIMARY_LABEL, **paired_difference(base["icsd"], base["uni_context"])}
+    for name, (label, overrides, methods) in SWEEP.items():
+        world = WORLD.replace("default", "large", 1) if name == "corpus-10k" else WORLD
+        extra = [*world_overrides(world), *(f"--{kv}" for kv in overrides)]
+        results, _ = run_methods(out / "sweep" / name, list(methods), seeds, extra, jobs)
+        cider = {m: {s: r["CIDEr"] for s, r in results.get(m, {}).items()} for m in methods}
+        icsd_c = cider.get("icsd", base["icsd"])
+        uni_c = cider.get("uni_context", base["uni_context"])
+        rows[name] = {"label": label, **paired_difference(icsd_c, uni_c),
+                      "icsd_mean": round(statistics.mean(icsd_c.values()), 4),
+                      "uni_context_mean": round(statistics.mean(uni_c.values()), 4)}  # fmt: skip
+        print(f"sweep {name}: ICSD - uni-context {rows[name]['mean']:+.3f} {rows[name]['ci']}", flush=True)
+    rows["primary"]["icsd_mean"] = round(statistics.mean(base["icsd"].values()), 4)
+    rows["primary"]["uni_context_mean"] = round(statistics.mean(base["uni_context"].values()), 4)
+    lines = [
+        "| variant | ICSD CIDEr | uni-context CIDEr | ICSD - uni-context | 95 % interval |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows.values():
+        lines.append(
+            f"| {row['label']} | {row['icsd_mean']:.3f} | {row['uni_context_mean']:.3f} | {row['mean']:+.3f} | "
+            f"{row['ci'][0]:+.3f} to {row['ci'][1]:+.3f} |"
+        )
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    sweep_figure(rows, out / "sweep.png", seeds)
+    print("\n".join(lines))
+    return rows
+
+
+def sweep_figure(rows: dict[str, Any], path: Path, seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.2))
+    for i, name in enumerate(names):
+        row = rows[name]
+        lo, hi = row["ci"]
+        ax.plot([lo, hi], [i, i], color="tab:blue", lw=2)
+        ax.plot([row["mean"]], [i], "o", color="tab:red" if name == "primary" else "tab:blue")
+    ax.axvline(0, color="gray", lw=1, ls="--")
+    ax.set_yticks(range(len(names)), [rows[n]["label"] for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"test CIDEr, ICSD minus uni-context (mean and 95 % interval over seeds {seeds})")
+    ax.set_title("When does multi-context help? (sandbox world)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
+    global WORLD
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/sandbox"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--methods", nargs="+", default=["icsd", "uni_context"], choices=list(METHODS))
+    ap.add_argument(
+        "--world-seed",
+        type=int,
+        help="run on the default world made with this seed (default: the default world)",
+    )
+    ap.add_argument("--jobs", type=int, default=2, help="chains run at once, each on one torch thread")
+    ap.add_argument("--sweep", action="store_true", help="after the primary comparison, the sweep (3 seeds)")
+    ap.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
         "--all",
         action="store_true",
@@ -272,38 +531,18 @@ def main() -> None:
         help="run nothing: gather the finished <method>-s<seed> runs (and fixed_caption) found in these folders",
     )  # fmt: skip
     args = ap.parse_args()
+    if args.world_seed is not None:
+        WORLD = f"default@{args.world_seed}"
     methods = [m for m in METHODS if m != "icsd_kind_true"] if args.all else args.methods
     args.out.mkdir(parents=True, exist_ok=True)
+    extra = [*world_overrides(WORLD), *(f"--{kv}" for kv in args.set)]
     t0 = time.perf_counter()
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    seconds: dict[str, float] = {}
-    runs: list[Path] = []
-    for folder in args.collect or []:
-        for run in sorted(folder.glob("*-s[0-9]*")):
-            method, _, seed = run.name.rpartition("-s")
-            if method in METHODS and (run / "eval" / BENCH / "scores.json").exists():
-                results.setdefault(method, {})[int(seed)] = test_scores(run)
-                runs.append(run)
-    for seed in [] if args.collect else args.seeds:
-        for method in methods:
-            run = args.out / f"{method}-s{seed}"
-            if method == "icsd_kind_true":
-                dropped = kind_true_copy(args.out / f"icsd-s{seed}", run)
-                done = "already there" if dropped is None else f"{dropped} kind-false pairs dropped"
-                print(f"{run.name}: {done} (from icsd-s{seed})", flush=True)
-            elif method != "uni_context":
-                seed_text_stages(args.out / f"icsd-s{args.seeds[0]}", run)
-            start = time.perf_counter()
-            icsd("run", str(REPO / "configs" / METHODS[method]), "--run", str(run),
-                 f"--train.seed={seed}", f"--summarize.seed={seed}", f"--render.seed={seed}",
-                 *(f"--{kv}" for kv in args.set))  # fmt: skip
-            seconds[run.name] = round(time.perf_counter() - start, 1)
-            results.setdefault(method, {})[seed] = test_scores(run)
-            runs.append(run)
-            print(
-                f"{run.name}: test CIDEr {results[method][seed]['CIDEr']:.3f} ({seconds[run.name]:.0f}s)",
-                flush=True,
-            )
+    if args.collect:
+        results, runs = collect(args.collect)
+        seconds: dict[str, float] = {}
+    else:
+        results, seconds = run_methods(args.out, methods, args.seeds, extra, args.jobs)
+        runs = [args.out / f"{m}-s{s}" for m in methods for s in args.seeds]
     found = [
         f / "fixed_caption" for f in args.collect or [] if (f / "fixed_caption" / "predictions.json").exists()
     ]
@@ -317,50 +556,41 @@ def main() -> None:
     runs.append(fixed_run)
     seeds = sorted({s for by_seed in results.values() for s in by_seed})
     total = time.perf_counter() - t0
-
-    metrics = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")
-    lines = [
-        "| method | " + " | ".join(f"{m} mean ± sd" for m in metrics) + " | CIDEr per seed |",
-        "|---" * (len(metrics) + 2) + "|",
-    ]
-    summary: dict[str, object] = {"seeds": seeds, "seconds": seconds, "total_seconds": round(total, 1),
-                                  "overrides": args.set}  # fmt: skip
-    for method, by_seed in results.items():
-        cells = []
-        for m in metrics:
-            vals = [s[m] for s in by_seed.values() if m in s]
-            if not vals:
-                cells.append("")
-                continue
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
-        per_seed = ", ".join(f"{by_seed[s]['CIDEr']:.3f}" for s in sorted(by_seed))
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {per_seed} |")
-    lines.append(
-        f'| fixed caption "{caption}" | '
-        + " | ".join(f"{fixed.get(m, 0):.3f}" for m in metrics)
-        + " | (no seed) |"
-    )
-    table = "\n".join(lines)
-    summary["results"] = {m: {str(s): v for s, v in r.items()} for m, r in results.items()}
-    summary["fixed_caption"] = {"caption": caption, "scores": fixed}
-    if "icsd" in results and "uni_context" in results:
-        icsd_mean = statistics.mean(r["CIDEr"] for r in results["icsd"].values())
-        uni_mean = statistics.mean(r["CIDEr"] for r in results["uni_context"].values())
-        summary["icsd_over_uni_relative"] = round(icsd_mean / uni_mean - 1, 4) if uni_mean else None
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = results_table(results, caption, fixed)
+    summary: dict[str, Any] = {
+        "world": WORLD, "seeds": seeds, "seconds": seconds, "total_seconds": round(total, 1),
+        "overrides": args.set, "torch_threads": 1, "jobs": args.jobs,
+        "results": {m: {str(s): v for s, v in r.items()} for m, r in results.items()},
+        "fixed_caption": {"caption": caption, "scores": fixed},
+    }  # fmt: skip
+    primary = primary_result(results) if len(seeds) > 1 else None
+    if primary:
+        summary["icsd_minus_uni_context"] = primary
     if args.publish:
-        publish(results, caption, fixed, seeds)
+        publish(results, caption, fixed, seeds, primary)
     (args.out / "summary.md").write_text(table + "\n")
     print(table)
+    if primary:
+        print(
+            f"ICSD - uni-context test CIDEr: {primary['mean']:+.3f} (95 % CI {primary['ci'][0]:+.3f} to "
+            f"{primary['ci'][1]:+.3f}; {primary['relative']:+.1%} of uni-context) over seeds {primary['seeds']}: "
+            f"{primary['decision']}"
+        )
     for run in runs:
         if (run / "pairs.parquet").exists():
-            stats = {**pair_statistics(run), **caption_statistics(run)}
-            summary.setdefault("pair_statistics", {})[run.name] = stats  # type: ignore[union-attr]
+            stats = {**pair_statistics(run), **selection_statistics(run), **caption_statistics(run)}
+            summary.setdefault("pair_statistics", {})[run.name] = stats
             print(f"{run.name}: {stats}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(icsd("compare", *map(str, runs)).stdout)
     print(f"sandbox comparison: {len(runs)} runs in {total / 60:.1f} min -> {args.out / 'summary.md'}")
+    if args.sweep:
+        rows = sweep(args.out, results, args.sweep_seeds, args.jobs)
+        summary["sweep"] = rows
+        summary["total_seconds_with_sweep"] = round(time.perf_counter() - t0, 1)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(
+            f"sandbox sweep: done in {(time.perf_counter() - t0) / 60:.1f} min in all -> {args.out / 'sweep.md'}"
+        )
 
 
 if __name__ == "__main__":

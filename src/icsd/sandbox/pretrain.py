@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .draw import CAMERA, Style, draw_scene
-from .lexicon import BACKGROUNDS, COLOURS, KINDS
+from .lexicon import BACKGROUNDS, COLOURS, KINDS, POSITIONS, SIZES
 from .world import Scene, random_scene
 
 if TYPE_CHECKING:
@@ -33,27 +33,25 @@ if TYPE_CHECKING:
 
 PACKAGED = Path(__file__).with_name("encoder")
 RECORD = "pretraining.json"
-HEAD = "label_head.safetensors"  # the linear label head of pretraining (not part of the captioner)
+HEAD = "label_head.safetensors"  # the label head of pretraining (not part of the captioner)
 # the scene streams: far from the world's seeds (0, 1, ...) and each other
 TRAIN_SEED = 1_000_003
 PROBE_SEED = 2_000_003
-GROUPS = (
-    ("kinds", "kind", KINDS),
-    ("colours", "colour", COLOURS),
-    ("backgrounds", "background", BACKGROUNDS),
+# What a picture is labelled with, as CLIP learns it from captions that say which thing has which
+# colour, how large it is and where: per kind, whether it is there and, when it is, its colour, size
+# and cell; and the background.
+ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("colour", COLOURS),
+    ("size", SIZES),
+    ("position", POSITIONS),
 )
-LABELS = tuple(f"{prefix}:{value}" for _, prefix, values in GROUPS for value in values)
-INDEX = {label: i for i, label in enumerate(LABELS)}
-SLICES = {
-    name: slice(INDEX[f"{prefix}:{values[0]}"], INDEX[f"{prefix}:{values[-1]}"] + 1)
-    for name, prefix, values in GROUPS
-}
+MISSING = -100  # an attribute of a kind the picture does not show (ignored by the loss)
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
     images: int = 10_000
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -62,17 +60,32 @@ class PretrainSettings:
     seed: int = 0
 
 
-def scene_labels(scene: Scene) -> np.ndarray:
-    """Multi-hot over :data:`LABELS`: the scene's kinds, colours and background."""
-    y = np.zeros(len(LABELS), dtype=np.float32)
+@dataclass
+class Labels:
+    """A batch of pictures' labels: ``kinds`` multi-hot ``[n, K]``; per attribute ``[n, K]`` class
+    indices (:data:`MISSING` where the kind is absent); ``background`` ``[n]``."""
+
+    kinds: torch.Tensor
+    attributes: dict[str, torch.Tensor]
+    background: torch.Tensor
+
+    def __getitem__(self, rows: torch.Tensor) -> Labels:
+        return Labels(self.kinds[rows], {k: v[rows] for k, v in self.attributes.items()}, self.background[rows])
+
+
+def scene_labels(scene: Scene) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    kinds = np.zeros(len(KINDS), dtype=np.float32)
+    attributes = {name: np.full(len(KINDS), MISSING, dtype=np.int64) for name, _ in ATTRIBUTES}
     for obj in scene.objects:
-        y[[INDEX[f"kind:{obj.kind}"], INDEX[f"colour:{obj.colour}"]]] = 1
-    y[INDEX[f"background:{scene.background}"]] = 1
-    return y
+        k = KINDS.index(obj.kind)
+        kinds[k] = 1
+        for name, values in ATTRIBUTES:
+            attributes[name][k] = values.index(getattr(obj, name))
+    return kinds, attributes, BACKGROUNDS.index(scene.background)
 
 
-def labelled_images(n: int, seed: int, style: Style, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random scenes drawn in ``style``: normalised pixels ``[n, 3, S, S]`` and labels ``[n, L]``."""
+def labelled_images(n: int, seed: int, style: Style, size: int) -> tuple[torch.Tensor, Labels]:
+    """``n`` random scenes drawn in ``style``: normalised pixels ``[n, 3, S, S]`` and their labels."""
     import torch
 
     from ..backends.captioners import clip_image_processor
@@ -81,36 +94,90 @@ def labelled_images(n: int, seed: int, style: Style, size: int) -> tuple[torch.T
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     rng = random.Random(seed)
-    pixels, labels = [], []
+    pixels, kinds, backgrounds = [], [], []
+    attributes: dict[str, list[np.ndarray]] = {name: [] for name, _ in ATTRIBUTES}
     for i in range(n):
         scene = random_scene(rng)
         pixels.append(
             draw_scene(scene.background, list(scene.objects), size=size, seed=seed * 7919 + i, style=style)
         )
-        labels.append(scene_labels(scene))
+        k, a, b = scene_labels(scene)
+        kinds.append(k)
+        backgrounds.append(b)
+        for name in attributes:
+            attributes[name].append(a[name])
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
-    return (x - mean) / std, torch.from_numpy(np.stack(labels))
+    labels = Labels(
+        torch.from_numpy(np.stack(kinds)),
+        {name: torch.from_numpy(np.stack(v)) for name, v in attributes.items()},
+        torch.tensor(backgrounds),
+    )
+    return (x - mean) / std, labels
 
 
-def recall_at_truth(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Per label group: of each picture's ``n`` true labels, the share among its top ``n`` scores."""
-    out: dict[str, float] = {}
-    for name, group in SLICES.items():
-        hits = total = 0
-        for row, truth in zip(scores[:, group], labels[:, group], strict=True):
-            n = int(truth.sum())
-            hits += int(truth[row.topk(n).indices].sum())
-            total += n
-        out[name] = hits / max(1, total)
+class LabelHead:
+    """Per kind, a learned query pools the encoder's grid (so the kind's own cells answer for it);
+    linear maps give its presence and its attributes. The background comes from the mean token."""
+
+    def __init__(self, hidden: int) -> None:
+        from torch import nn
+
+        self.modules = nn.ModuleDict(
+            {
+                "queries": nn.Embedding(len(KINDS), hidden),
+                "presence": nn.Linear(hidden, 1),
+                "background": nn.Linear(hidden, len(BACKGROUNDS)),
+                **{name: nn.Linear(hidden, len(values)) for name, values in ATTRIBUTES},
+            }
+        )
+
+    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.modules
+        queries: torch.Tensor = m["queries"].weight  # type: ignore[assignment]  # [K, H]
+        weights = (tokens @ queries.T / tokens.shape[-1] ** 0.5).softmax(dim=1)  # [n, T, K]
+        pooled = weights.transpose(1, 2) @ tokens  # [n, K, H]
+        out = {"kinds": m["presence"](pooled).squeeze(-1), "background": m["background"](tokens.mean(1))}
+        out.update({name: m[name](pooled) for name, _ in ATTRIBUTES})
+        return out
+
+
+def label_loss(scores: dict[str, torch.Tensor], labels: Labels) -> torch.Tensor:
+    from torch.nn import functional as F
+
+    loss = F.binary_cross_entropy_with_logits(scores["kinds"], labels.kinds)
+    loss = loss + F.cross_entropy(scores["background"], labels.background)
+    for name, _ in ATTRIBUTES:
+        logits = scores[name]
+        loss = loss + F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.attributes[name].reshape(-1), ignore_index=MISSING
+        )
+    return loss
+
+
+def probe_scores(scores: dict[str, torch.Tensor], labels: Labels) -> dict[str, float]:
+    """``kinds``: of each picture's ``n`` kinds, the share among its top ``n`` presence scores;
+    per attribute: for the kinds a picture shows, how often the kind's own attribute is named
+    (colour bound to its object, size, cell); ``background``: accuracy."""
+    hits = total = 0
+    for row, truth in zip(scores["kinds"], labels.kinds, strict=True):
+        n = int(truth.sum())
+        hits += int(truth[row.topk(n).indices].sum())
+        total += n
+    out = {"kinds": hits / max(1, total)}
+    for name, _ in ATTRIBUTES:
+        target = labels.attributes[name]
+        shown = target != MISSING
+        out[name] = float((scores[name].argmax(-1)[shown] == target[shown]).float().mean())
+    out["background"] = float((scores["background"].argmax(-1) == labels.background).float().mean())
     return out
 
 
-def chance_recall(labels: torch.Tensor) -> dict[str, float]:
-    """What :func:`recall_at_truth` gives a random ranking."""
-    return {
-        name: float(labels[:, group].sum(1).mean()) / (group.stop - group.start)
-        for name, group in SLICES.items()
-    }
+def chance_scores(labels: Labels) -> dict[str, float]:
+    """What :func:`probe_scores` gives a random guess."""
+    out = {"kinds": float(labels.kinds.sum(1).mean()) / len(KINDS)}
+    out.update({name: 1 / len(values) for name, values in ATTRIBUTES})
+    out["background"] = 1 / len(BACKGROUNDS)
+    return out
 
 
 def pretrain_encoder(
@@ -122,7 +189,6 @@ def pretrain_encoder(
     as a ``save_pretrained`` folder with ``pretraining.json`` (settings and probe scores)."""
     import torch
     from safetensors.torch import save_file
-    from torch import nn
 
     from .captioner import VISION
     from .renderer import RENDER
@@ -132,12 +198,12 @@ def pretrain_encoder(
     x, y = labelled_images(settings.images, TRAIN_SEED + settings.seed, RENDER, settings.image_size)
     probe_x, probe_y = labelled_images(settings.probe_images, PROBE_SEED, CAMERA, settings.image_size)
     encoder = SandboxVisionModel(SandboxVisionConfig(image_size=settings.image_size, **VISION))
-    head = nn.Linear(encoder.config.hidden_size, len(LABELS))
+    head = LabelHead(encoder.config.hidden_size)
 
-    def scores(pixels: torch.Tensor) -> torch.Tensor:
-        return head(encoder(pixel_values=pixels).last_hidden_state.amax(1))  # type: ignore[no-any-return]
+    def scores(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return head(encoder(pixel_values=pixels).last_hidden_state)
 
-    params = [*encoder.parameters(), *head.parameters()]
+    params = [*encoder.parameters(), *head.modules.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
     total = settings.steps
 
@@ -154,7 +220,7 @@ def pretrain_encoder(
     loss = torch.tensor(0.0)
     for step in range(1, total + 1):
         batch = torch.randint(0, len(x), (settings.batch_size,), generator=generator)
-        loss = nn.functional.binary_cross_entropy_with_logits(scores(x[batch]), y[batch])
+        loss = label_loss(scores(x[batch]), y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -163,35 +229,36 @@ def pretrain_encoder(
             progress(step, total, {"loss": float(loss.detach())})
     encoder.eval()
     with torch.no_grad():
-        probe = recall_at_truth(scores(probe_x), probe_y)
+        probe = probe_scores(scores(probe_x), probe_y)
     record = {
-        "what": "the sandbox captioner's image encoder, pretrained multi-label (kinds, colours, background) "
-        "on renderer pictures of random scenes; scored on camera pictures of other random scenes",
+        "what": "the sandbox captioner's image encoder, pretrained to say which kinds a picture shows and, "
+        "per kind, its colour, size and cell, and the background, on renderer pictures of random scenes; "
+        "scored on camera pictures of other random scenes",
         "settings": asdict(settings),
-        "labels": list(LABELS),
+        "labels": {"kinds": list(KINDS), **{n: list(v) for n, v in ATTRIBUTES}, "background": list(BACKGROUNDS)},
         "final_loss": round(float(loss.detach()), 4),
         "camera_probe": {k: round(v, 4) for k, v in probe.items()},
-        "camera_probe_chance": {k: round(v, 4) for k, v in chance_recall(probe_y).items()},
+        "camera_probe_chance": {k: round(v, 4) for k, v in chance_scores(probe_y).items()},
         "seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
     }
     encoder.config.frozen = True
     out.mkdir(parents=True, exist_ok=True)
     encoder.save_pretrained(out)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / HEAD))
+    save_file({k: v.detach().contiguous() for k, v in head.modules.state_dict().items()}, str(out / HEAD))
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
 
-def label_scores(folder: Path, encoder: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Scores over :data:`LABELS` of the encoder of ``folder`` with its saved label head."""
+def label_scores(folder: Path, encoder: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The label scores of the encoder of ``folder`` with its saved label head."""
     import torch
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / HEAD))
+    head = LabelHead(encoder.config.hidden_size)
+    head.modules.load_state_dict(load_file(str(folder / HEAD)))
     with torch.no_grad():
-        pooled = encoder(pixel_values=pixels).last_hidden_state.amax(1)
-        return pooled @ weights["weight"].T + weights["bias"]
+        return head(encoder(pixel_values=pixels).last_hidden_state)
 
 
 def load_encoder(source: str | Path) -> Any:

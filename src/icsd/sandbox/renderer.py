@@ -2,7 +2,9 @@
 
 ``sandbox`` (``--render.backend sandbox --render.model world``) parses any English sentence with
 the world's lexicon and draws what it names, in a clean style; what the sentence leaves open
-(a colour, a size, a position, the background) comes from the image's seed. ``world:extra=0.3``
+(a colour, a size, a position, the background) comes from the image's seed. A prompt naming more
+object kinds than ``capacity`` (``world:capacity=3``, the default; at most 5, the grid's cells) is
+drawn with the first ones it names, as text-to-image models leave objects out of long prompts. ``world:extra=0.3``
 also adds an unmentioned object to each free cell with probability 0.3 (a renderer that invents
 clutter); ``world:jitter=0.1,texture=0.5,noise=5`` changes the style; ``world:close_up=1`` draws a
 prompt that names few objects as a diffusion model draws a short prompt (larger, a lone object in
@@ -27,17 +29,24 @@ import numpy as np
 from ..backends.t2i import Rendered, T2ISpec
 from ..errors import UserError
 from .draw import CAMERA, Style, draw_scene
-from .lexicon import parse
+from .lexicon import POSITIONS, parse
 from .world import Scene, realise
 
 MODEL = "world"
 RENDER = Style(jitter=0.06)  # flat colours and clean backgrounds; placement varies a little by seed
-OPTIONS = ("extra", "jitter", "texture", "noise", "colour_jitter", "close_up")
+OPTIONS = ("extra", "capacity", "jitter", "texture", "noise", "colour_jitter", "close_up")
+# How many object kinds one picture shows at most: a prompt naming more is drawn with the first
+# CAPACITY it names (the rest are left out). An assumption about the text-to-image model, not a
+# measurement: Stable Diffusion v1 often leaves out one of two subjects ("catastrophic neglect",
+# Chefer et al., Attend-and-Excite, 2023) and scores low on multi-object prompts (Huang et al.,
+# T2I-CompBench, 2023). docs/sandbox-protocol.md fixes 3; the sweep of docs/sandbox.md varies it.
+CAPACITY = 3
 
 
 @dataclass(frozen=True)
 class RendererSettings:
     extra: float = 0.0
+    capacity: int = CAPACITY
     style: Style = RENDER
 
 
@@ -59,7 +68,10 @@ def parse_model(model: str) -> RendererSettings:
         except ValueError:
             raise UserError(f"sandbox renderer option {key} needs a number, got {value!r}") from None
     extra = values.pop("extra", 0.0)
-    return RendererSettings(extra=extra, style=replace(RENDER, **values))
+    capacity = values.pop("capacity", CAPACITY)
+    if capacity != int(capacity) or not 1 <= capacity <= len(POSITIONS):
+        raise UserError(f"sandbox renderer option capacity is a whole number of kinds, 1-{len(POSITIONS)}")
+    return RendererSettings(extra=extra, capacity=int(capacity), style=replace(RENDER, **values))
 
 
 @dataclass
@@ -78,7 +90,7 @@ class SceneRenderer:
         known = self.scenes.get(" ".join(prompt.split()))
         if known:
             return known[rng.randrange(len(known))]
-        return realise(parse(prompt), rng, self.settings.extra)
+        return realise(parse(prompt), rng, self.settings.extra, self.settings.capacity)
 
     def generate(
         self,

@@ -1,10 +1,14 @@
 """The sandbox world's LLM: the paper's selection rule, executed symbolically.
 
 It reads the numbered candidates out of the prompt, as an LLM would. In selection mode (the answer
-schema asks for ``index``) it keeps candidates in the order given, the head first, skipping any
-that contradicts one already kept (the same object kind with another colour, size, count or
-position, or another background), up to the schema's maximum; it merges the kept captions into one
-sentence of at most ``max_words`` words. With fewer than the minimum it answers with what it
+schema asks for ``index``) it follows the official prompt's words: "find 5 to 10 sentences that
+form a description ... of the same image" and "the meanings of the selected sentences ... should
+not conflict". Sentences about one image are about the same thing, so it first finds what the list
+is mostly about: the object kind the most candidates name (the earliest named on a tie), its
+*topic*. It then keeps, in the order given, the candidates that name the topic and contradict none
+kept already (the same object kind with another colour, size, count or position, or another
+background), up to the schema's maximum; it merges the kept captions into one sentence of at most
+``max_words`` words. It reads only the prompt: which scene a caption was written about stays hidden. With fewer than the minimum it answers with what it
 found, which the stage judges ``invalid``, as it would an LLM's short list. In first-n mode (no
 ``index`` in the schema) it merges all captions shown, contradictions included (first said wins).
 """
@@ -42,11 +46,22 @@ def candidates_in(prompt: str) -> list[str]:
     return found
 
 
+def topic(descriptions: list[Description]) -> str | None:
+    """The object kind the most descriptions name (the earliest named wins a tie)."""
+    counts: dict[str, int] = {}
+    for d in descriptions:
+        for kind in d.objects:
+            counts[kind] = counts.get(kind, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None  # dicts keep first-named order
+
+
 def select(descriptions: list[Description], max_select: int) -> list[int]:
-    """0-based indices kept: greedily, in order, none contradicting an earlier kept one."""
+    """0-based indices kept: greedily, in order, those naming the list's topic and contradicting
+    no earlier kept one."""
+    subject = topic(descriptions)
     kept: list[int] = []
     for i, d in enumerate(descriptions):
-        if not d.objects:
+        if subject not in d.objects:
             continue
         if all(not conflicts(descriptions[j], d) for j in kept):
             kept.append(i)
