@@ -11,7 +11,7 @@ see docs/plugins.md).
   :class:`~icsd.backends.t2i.Rendered` (see :class:`~icsd.backends.t2i.DiffusersBackend`);
 - an embedder is a class ``(name, device=, batch_size=)`` with ``embed(texts, progress)`` (float32,
   L2-normalised rows) and ``describe()``; its optional ``claims(path)`` lets ``kind: auto`` pick it;
-- a captioner family is a :class:`~icsd.backends.captioners.CaptionerFamily` subclass (build, loss,
+- a captioner family is a :class:`~icsd.backends.captioning.base.CaptionerFamily` subclass (build, loss,
   text batch, generate, save, load); its name is the ``train.preset`` value.
 """
 
@@ -33,9 +33,9 @@ EMBEDDERS.register("sentence-transformers", "icsd.backends.embedders:SentenceTra
 EMBEDDERS.register("clip", "icsd.backends.embedders:CLIPTextEmbedder")
 
 CAPTIONERS: Registry[Any] = Registry("captioner preset", "icsd.captioners")
-CAPTIONERS.register("icsd", "icsd.backends.captioners:IcsdCaptioner")
-CAPTIONERS.register("prefix", "icsd.backends.captioners:PrefixCaptioner")
-CAPTIONERS.register("tiny", "icsd.backends.captioners:TinyCaptioner")
+CAPTIONERS.register("icsd", "icsd.backends.captioning.icsd:IcsdCaptioner")
+CAPTIONERS.register("prefix", "icsd.backends.captioning.prefix:PrefixCaptioner")
+CAPTIONERS.register("tiny", "icsd.backends.captioning.tiny:TinyCaptioner")
 CAPTIONERS.register("sandbox", "icsd.sandbox.captioner:SandboxCaptioner")
 
 
