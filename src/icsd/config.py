@@ -106,6 +106,12 @@ class EmbedConfig(StageConfig):
 
 class GroupConfig(StageConfig):
     k: int = Field(default=30, ge=1, description="Candidate-set size, the head included.")
+    duplicates: Literal["drop", "merge"] = Field(
+        default="drop",
+        description="drop: a set whose members equal an earlier set's is dropped, each set starts with its "
+        "own caption | merge: the official way, each set keyed on its first hit and sets sharing it joined "
+        "into one (preprocess_for_chatgpt.py).",
+    )
     index: Literal["flat", "ivf", "hnsw"] = Field(default="flat", description="flat (exact) | ivf | hnsw.")
     block_size: int = Field(default=8192, ge=1, description="Queries per search block.")
     nlist: int | None = Field(default=None, ge=1, description="IVF lists (default: about 4 x sqrt(N)).")
@@ -329,6 +335,22 @@ class TrainConfig(StageConfig):
         description="Validation min/max_new_tokens count new tokens only, or (total) the prompt's "
         "tokens too, as the official min_length/max_length do.",
     )
+    decoder_style: Literal["blip", "bert"] | None = Field(
+        default=None,
+        description="blip: the official decoder ([DEC] start token, LM-head transform freshly initialised) | "
+        "bert: the text model's own MLM head from [CLS] (default per preset; icsd: blip, others: bert).",
+    )
+    length_norm: Literal["new", "total"] | None = Field(
+        default=None,
+        description="Beam scores divided by the new tokens, or (total) by the whole sequence with the prompt, "
+        "as transformers 4.15 in the official code (default per preset; icsd: total, others: new). Saved in "
+        "the checkpoint.",
+    )
+    decode_dtype: Literal["fp32", "bf16"] | None = Field(
+        default=None,
+        description="Decoding precision on GPU: fp32 (the official) | bf16 autocast (default per preset; "
+        "icsd: fp32, others: bf16). Saved in the checkpoint.",
+    )
     val_tokenizer: Literal["simple", "ptb"] = Field(
         default="simple",
         description="Tokenisation of validation scores: simple (lower-case, punctuation stripped) | "
@@ -453,6 +475,14 @@ class EvaluateConfig(StageConfig):
         default="new",
         description="min/max_new_tokens count new tokens only, or (total) the prompt's tokens too, "
         "as the official min_length/max_length do.",
+    )
+    length_norm: Literal["new", "total"] | None = Field(
+        default=None,
+        description="Beam scores divided by the new tokens, or (total) by the whole sequence with the prompt, "
+        "as transformers 4.15 (default: what the checkpoint records).",
+    )
+    decode_dtype: Literal["fp32", "bf16"] | None = Field(
+        default=None, description="Decoding precision on GPU: fp32 | bf16 (default: what the checkpoint records)."
     )
     device: str = Field(default="auto", description="auto|cpu|cuda|cuda:N.")
     subset: bool = Field(default=False, description="Score only the predicted images.")

@@ -114,19 +114,35 @@ def unique_set_mask(ids: np.ndarray) -> np.ndarray:
     return keep
 
 
+def merge_by_first_hit(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The official grouping (preprocess/preprocess_for_chatgpt.py:16-19 of the ICSD code): every
+    row is keyed on its first hit, and rows sharing a key are joined, in row order, into one set.
+    Returns ``(rows, sizes)``: the row indices, set by set in the order of each key's first row,
+    and how many rows each set joins."""
+    if ids.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    _, first_row, inverse = np.unique(ids[:, 0], return_index=True, return_inverse=True)
+    rank = np.empty(len(first_row), dtype=np.int64)
+    rank[np.argsort(first_row, kind="stable")] = np.arange(len(first_row))
+    set_of_row = rank[inverse.reshape(-1)]
+    return np.argsort(set_of_row, kind="stable"), np.bincount(set_of_row)
+
+
 def candidate_sets(
     vectors: np.ndarray,
     k: int,
     spec: IndexSpec,
     block_size: int = 8192,
     progress: Callable[[int], None] | None = None,
+    self_first: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, scores, keep): top-k per row with itself first, and the mask of non-duplicate sets."""
+    """(ids, scores, keep): top-k per row with itself first (``self_first``; else in search order),
+    and the mask of non-duplicate sets."""
     k = min(k, vectors.shape[0])
     index = build_index(vectors, spec)
     scores, ids = search_blocks(index, vectors, k, block_size, progress)
-    self_scores = np.einsum("ij,ij->i", vectors, vectors)
-    put_self_first(ids, scores, self_scores)
+    if self_first:
+        put_self_first(ids, scores, np.einsum("ij,ij->i", vectors, vectors))
     return ids, scores, unique_set_mask(ids)
 
 
@@ -204,11 +220,12 @@ def torch_candidate_sets(
     precision: str = "fp32",
     block_size: int = 4096,
     progress: Callable[[int], None] | None = None,
+    self_first: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`candidate_sets` of exact search in torch (any device): self first, duplicates dropped."""
+    """:func:`candidate_sets` of exact search in torch (any device)."""
     scores, ids = torch_topk(vectors, k, device, precision, block_size, progress)
-    self_scores = np.einsum("ij,ij->i", vectors, vectors)
-    put_self_first(ids, scores, self_scores)
+    if self_first:
+        put_self_first(ids, scores, np.einsum("ij,ij->i", vectors, vectors))
     return ids, scores, unique_set_mask(ids)
 
 

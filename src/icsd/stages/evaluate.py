@@ -136,7 +136,7 @@ def caption_images(cfg: EvaluateConfig, refs: References) -> tuple[dict[str, str
         from ..backends.captioners import load_captioner
     except ImportError as exc:
         raise UserError(f"--model needs the captioner backend (icsd.backends.captioners): {exc}") from None
-    captioner = load_captioner(cfg.model, device=cfg.device)
+    captioner = load_captioner(cfg.model, device=cfg.device, length_norm=cfg.length_norm, decode_dtype=cfg.decode_dtype)
     with tqdm(total=len(todo), desc=f"caption {refs.name}", unit="img") as bar:
         done = caption_batched(
             captioner,
@@ -200,6 +200,9 @@ def scores_document(
                     "beams": cfg.beams,
                     "min_new_tokens": cfg.min_new_tokens,
                     "max_new_tokens": cfg.max_new_tokens,
+                    "decode_lengths": cfg.decode_lengths,
+                    "length_norm": cfg.length_norm or "as the checkpoint",
+                    "decode_dtype": cfg.decode_dtype or "as the checkpoint",
                     "batch_size": cfg.batch_size,
                 }
                 if cfg.model

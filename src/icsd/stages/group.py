@@ -1,6 +1,8 @@
 """Stage 3, group: each caption's top-K neighbours by cosine form a candidate set.
 
-The head caption comes first; sets whose members equal an earlier set's are dropped. faiss does
+The head caption comes first; sets whose members equal an earlier set's are dropped
+(``duplicates: drop``), or, as the official code does (``duplicates: merge``), each set is keyed on
+its first hit and sets sharing it are joined into one. faiss does
 the search on the CPU: exact ``flat`` by default, ``ivf`` or ``hnsw``, with their recall@K against
 exact search measured on a sample when ``recall_sample`` > 0. ``device: cuda`` searches exactly by
 blocked matrix products in torch on the GPU, the path for large corpora (``torch-cpu``: the same
@@ -17,26 +19,40 @@ from tqdm.auto import tqdm
 
 from ..config import GroupConfig
 from ..errors import UserError
-from ..knn import IndexSpec, candidate_sets, exact_topk, recall_at_k, set_threads, torch_candidate_sets
+from ..knn import (
+    IndexSpec,
+    candidate_sets,
+    exact_topk,
+    merge_by_first_hit,
+    recall_at_k,
+    set_threads,
+    torch_candidate_sets,
+)
 from ..records import CANDIDATES_SCHEMA
 from ..store import RunDir, read_embeddings, read_parquet, write_parquet
 from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
 
 
-def candidates_table(ids: list[str], member_idx: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> pa.Table:
-    """Arrow table of the kept candidate sets, built column-wise (no per-row Python lists)."""
-    rows = np.flatnonzero(keep)
+def candidates_table(
+    ids: list[str], member_idx: np.ndarray, scores: np.ndarray, rows: np.ndarray, sizes: np.ndarray | None = None
+) -> pa.Table:
+    """Arrow table of the candidate sets, built column-wise (no per-row Python lists): the search
+    rows ``rows``, one set per row, or with ``sizes`` set ``g`` joining the next ``sizes[g]`` rows
+    (members concatenated, the set named by its first row's first hit)."""
+    sizes = np.ones(len(rows), dtype=np.int64) if sizes is None else sizes
     members = member_idx[rows]
     valid = members >= 0
-    counts = valid.sum(axis=1)
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    starts = np.zeros(len(sizes), dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    counts = np.add.reduceat(valid.sum(axis=1), starts) if len(rows) else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
     id_array = pa.array(ids, type=pa.string())
     flat_members = id_array.take(pa.array(members[valid]))
     flat_scores = pa.array(scores[rows][valid].astype(np.float32))
     return pa.Table.from_arrays(
         [
-            id_array.take(pa.array(rows)),
+            id_array.take(pa.array(members[starts, 0] if len(rows) else np.zeros(0, dtype=np.int64))),
             pa.ListArray.from_arrays(pa.array(offsets), flat_members),
             pa.ListArray.from_arrays(pa.array(offsets), flat_scores),
         ],
@@ -85,21 +101,23 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
     if device is not None and cfg.index != "flat":
         raise UserError(f"--device {cfg.device} runs exact search; --index {cfg.index} is a faiss index for --device cpu")
     label = cfg.index if device is None else f"exact, torch on {device}, {cfg.precision}"
+    merge = cfg.duplicates == "merge"
     with tqdm(total=len(ids), desc=f"group ({label})", unit="cap", dynamic_ncols=True) as bar:
         if device is None:
-            member_idx, scores, keep = candidate_sets(vectors, cfg.k, spec, cfg.block_size, bar.update)
+            member_idx, scores, keep = candidate_sets(vectors, cfg.k, spec, cfg.block_size, bar.update, not merge)
         else:
             member_idx, scores, keep = torch_candidate_sets(
-                vectors, cfg.k, device, cfg.precision, cfg.block_size, bar.update
+                vectors, cfg.k, device, cfg.precision, cfg.block_size, bar.update, not merge
             )
-    table = candidates_table(ids, member_idx, scores, keep)
+    if merge:
+        rows, sizes = merge_by_first_hit(member_idx)
+        table = candidates_table(ids, member_idx, scores, rows, sizes)
+        joined = {"sets_merged": int(len(rows) - len(sizes))}
+    else:
+        table = candidates_table(ids, member_idx, scores, np.flatnonzero(keep))
+        joined = {"duplicates_dropped": int((~keep).sum())}
     write_parquet(table, run.candidates)
-    counts: dict[str, Any] = {
-        "captions": len(ids),
-        "groups": int(keep.sum()),
-        "duplicates_dropped": int((~keep).sum()),
-        "k": int(member_idx.shape[1]),
-    }
+    counts: dict[str, Any] = {"captions": len(ids), "groups": table.num_rows, **joined, "k": int(member_idx.shape[1])}
     if cfg.index != "flat" and cfg.recall_sample > 0:
         counts[f"recall_at_{counts['k']}"] = round(
             measure_recall(vectors, member_idx, counts["k"], cfg.recall_sample), 4

@@ -122,6 +122,9 @@ def captioner_spec(cfg: TrainConfig) -> CaptionerSpec:
         caption_style=cfg.caption_style,
         caption_max_words=cfg.caption_max_words,
         test_resize=cfg.test_resize,
+        decoder_style=cfg.decoder_style,
+        length_norm=cfg.length_norm,
+        decode_dtype=cfg.decode_dtype,
     ).resolved()
 
 

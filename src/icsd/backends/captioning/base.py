@@ -48,6 +48,13 @@ class CaptionerSpec:
     caption_style: str = "plain"
     caption_max_words: int | None = None
     test_resize: str = "crop"
+    #: ``blip``: the official decoder (a ``[DEC]`` start token, the LM-head transform freshly
+    #: initialised); ``bert``: the text model's own MLM head, starting from ``[CLS]``
+    decoder_style: str | None = None
+    #: beam scores over the ``new`` tokens or the ``total`` sequence (:mod:`.decoding`)
+    length_norm: str | None = None
+    #: ``fp32`` | ``bf16`` (autocast) decoding on a GPU
+    decode_dtype: str | None = None
 
     @property
     def family(self) -> type[CaptionerFamily]:
@@ -79,6 +86,8 @@ class CaptionerFamily:
     model_type: ClassVar[str] = ""
     #: spec values used where the spec leaves them None
     defaults: ClassVar[dict[str, Any]] = {}
+    #: what every family uses where neither the spec nor :attr:`defaults` says
+    common_defaults: ClassVar[dict[str, Any]] = {"decoder_style": "bert", "length_norm": "new", "decode_dtype": "bf16"}
     #: the peak learning rate when the training config gives none
     lr: ClassVar[float] = 1e-5
     #: whether training augments images when the training config does not say
@@ -89,7 +98,7 @@ class CaptionerFamily:
     @classmethod
     def resolve(cls, spec: CaptionerSpec) -> CaptionerSpec:
         values = asdict(spec)
-        for key, value in cls.defaults.items():
+        for key, value in {**cls.common_defaults, **cls.defaults}.items():
             if values[key] is None:
                 values[key] = value
         return CaptionerSpec(**values)
@@ -208,6 +217,9 @@ class CaptionerFamily:
             "image_size": cm.image_size,
             "vision_model": cm.spec.vision_model,
             "text_model": cm.spec.text_model,
+            "decoder_style": cm.spec.decoder_style,
+            "length_norm": cm.spec.length_norm,
+            "decode_dtype": cm.spec.decode_dtype,
             **cm.extra,
         }
         (out / CAPTIONER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -287,7 +299,16 @@ class CaptionModel:
         from .inference import Captioner
 
         dev = device or str(next(self.model.parameters()).device)
-        return Captioner(self.model, self.tokenizer, self.image_processor, family=self.family, prompt=self.prompt, device=dev)
+        return Captioner(
+            self.model,
+            self.tokenizer,
+            self.image_processor,
+            family=self.family,
+            prompt=self.prompt,
+            device=dev,
+            length_norm=self.spec.length_norm or "new",
+            decode_dtype=self.spec.decode_dtype or "bf16",
+        )
 
     def save(self, path: str | Path) -> None:
         """A ``save_pretrained`` folder that loads with plain transformers."""

@@ -17,7 +17,7 @@ from ...errors import UserError
 from .base import CaptionerFamily, CaptionerSpec, CaptionModel, dropout_overrides
 from .cross_attention import cross_attention_modules, kv_per_image
 from .hf import quiet_transformers
-from .text import TextBatch, decoder_prompt_ids, encode_decoder_texts, special_ids
+from .text import DEC_TOKEN, ENC_TOKEN, TextBatch, decoder_prompt_ids, encode_decoder_texts, special_ids
 from .vision import load_clip_vision
 
 
@@ -32,13 +32,53 @@ def compose_encoder_decoder(encoder: Any, decoder: Any) -> Any:
     return model
 
 
+def blip_decoder(decoder: Any, tokenizer: Any) -> None:
+    """In place: the official BLIP-based decoder of a BERT LM-head model (training/src/blip.py of
+    the official code): the tokenizer gains ``[DEC]`` as its BOS token, the decoder start, and
+    ``[ENC]``; the embeddings grow by those two rows, drawn N(0, initializer_range) as transformers
+    4.15 drew them; the LM-head transform (dense + LayerNorm) and the output bias start fresh, as
+    the official ``BertLMHeadModel(config)`` whose ``.bert`` alone is replaced by the pretrained
+    weights; the output weights stay tied to the (pretrained) word embeddings."""
+    from torch import nn
+
+    head = getattr(getattr(decoder, "cls", None), "predictions", None)
+    transform = getattr(head, "transform", None)
+    if head is None or transform is None:
+        raise UserError("decoder_style blip needs a BERT decoder (an LM head with a prediction transform)")
+    tokenizer.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
+    decoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    std = float(decoder.config.initializer_range)
+    with torch.no_grad():
+        embeddings = decoder.get_input_embeddings().weight
+        embeddings[-2:].normal_(0.0, std)
+        for module in transform.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        for bias in {id(b): b for b in (getattr(head, "bias", None), head.decoder.bias) if b is not None}.values():
+            bias.zero_()
+    decoder.config.bos_token_id = tokenizer.bos_token_id
+
+
 class IcsdCaptioner(CaptionerFamily):
     """CLIP vision encoder + BERT decoder with cross-attention (the paper's model)."""
 
     name = "icsd"
     kind = "encoder-decoder"
     model_type = "vision-encoder-decoder"
-    defaults = {"vision_model": "openai/clip-vit-base-patch32", "text_model": "bert-base-uncased", "image_size": 384}
+    defaults = {
+        "vision_model": "openai/clip-vit-base-patch32",
+        "text_model": "bert-base-uncased",
+        "image_size": 384,
+        # the official decoder and decoding (docs/fidelity.md)
+        "decoder_style": "blip",
+        "length_norm": "total",
+        "decode_dtype": "fp32",
+    }
     lr = 1e-5
 
     @classmethod
@@ -60,6 +100,8 @@ class IcsdCaptioner(CaptionerFamily):
 
     @classmethod
     def compose(cls, vision: Any, decoder: Any, tokenizer: Any, processor: Any, spec: CaptionerSpec) -> CaptionModel:
+        if spec.decoder_style == "blip":
+            blip_decoder(decoder, tokenizer)
         model = compose_encoder_decoder(vision, decoder)
         model.config.decoder_start_token_id, _, model.config.pad_token_id = special_ids(tokenizer)
         return CaptionModel(model, tokenizer, processor, cls, spec, vision.config.image_size)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from ...errors import UserError
 from ...images import to_rgb
 from ..registry import CAPTIONERS
 from .base import CAPTIONER_FILE, CaptionerFamily
+from .decoding import decoding_context
 from .text import DEFAULT_PROMPT, clean_caption, decoder_prompt_ids
 
 
@@ -21,7 +20,16 @@ class Captioner:
     """Caption PIL images with a trained checkpoint (beam search through ``generate()``)."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, image_processor: Any, *, family: type[CaptionerFamily], prompt: str, device: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        image_processor: Any,
+        *,
+        family: type[CaptionerFamily],
+        prompt: str,
+        device: str,
+        length_norm: str = "new",
+        decode_dtype: str = "bf16",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -29,6 +37,10 @@ class Captioner:
         self.family = family
         self.prompt = prompt
         self.device = device
+        #: beam scores over the new tokens (``new``) or the full sequence (``total``, transformers 4.15)
+        self.length_norm = length_norm
+        #: ``bf16``: autocast on a GPU; ``fp32``: full precision (the official evaluation)
+        self.decode_dtype = decode_dtype
 
     def caption(
         self,
@@ -63,12 +75,7 @@ class Captioner:
     def _caption_batch(self, images: list[Image.Image], beams: int, min_new: int, max_new: int) -> list[str]:
         pixels = self.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
         settings = {"num_beams": beams, "min_new_tokens": min_new, "max_new_tokens": max_new}
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.startswith("cuda")
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
+        with decoding_context(self.model, self.device, self.length_norm, self.decode_dtype):
             new = self.family.generate(self.model, self.tokenizer, pixels, self.prompt, **settings)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [clean_caption(t) for t in texts]
@@ -100,8 +107,12 @@ def checkpoint_family(model_type: Any, info: dict[str, Any], folder: Path) -> ty
     raise UserError(f"cannot load captioner: unsupported model type {model_type!r} in {folder}; known: {', '.join(known)}")
 
 
-def load_captioner(path: str, device: str = "auto") -> Captioner:
-    """A captioner from a ``save_pretrained`` folder of any registered family."""
+def load_captioner(
+    path: str, device: str = "auto", *, length_norm: str | None = None, decode_dtype: str | None = None
+) -> Captioner:
+    """A captioner from a ``save_pretrained`` folder of any registered family. ``length_norm`` and
+    ``decode_dtype`` default to what the checkpoint's ``captioner.json`` records (``new`` and
+    ``bf16`` for checkpoints that record neither)."""
     from ...executor import resolve_device
 
     folder = Path(path).expanduser()
@@ -118,4 +129,13 @@ def load_captioner(path: str, device: str = "auto") -> Captioner:
     model, tokenizer, processor = family.load(folder)
     prompt = str(info.get("prompt", DEFAULT_PROMPT if info else ""))
     model.to(dev).eval()
-    return Captioner(model, tokenizer, processor, family=family, prompt=prompt, device=dev)
+    return Captioner(
+        model,
+        tokenizer,
+        processor,
+        family=family,
+        prompt=prompt,
+        device=dev,
+        length_norm=str(length_norm or info.get("length_norm") or "new"),
+        decode_dtype=str(decode_dtype or info.get("decode_dtype") or "bf16"),
+    )

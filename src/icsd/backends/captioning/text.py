@@ -13,11 +13,16 @@ from ...errors import UserError
 
 DEFAULT_PROMPT = "a picture of "
 IMAGE_TOKEN = "<image>"
+#: the decoder start token and the encoder token the official (BLIP-based) tokenizer adds
+DEC_TOKEN = "[DEC]"
+ENC_TOKEN = "[ENC]"
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int, int]:
-    """(decoder start, end, pad) token ids: [CLS]/[SEP]/[PAD] for BERT, BOS/EOS/EOS for GPT-style."""
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    """(decoder start, end, pad) token ids: [CLS]/[SEP]/[PAD] for BERT, BOS/EOS/EOS for GPT-style.
+    A BERT tokenizer given a BOS token (``[DEC]`` in the official BLIP-style decoder) starts there:
+    the start token travels with the saved tokenizer."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
     end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     if start is None or end is None:
