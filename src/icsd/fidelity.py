@@ -25,7 +25,11 @@ class Row:
     settings: dict[str, Any] = field(default_factory=dict)
     default_elsewhere: str = "same"
     why: str = ""
-    kind: str = "same"  # same | setting (a difference you can switch) | deviation (kept on purpose)
+    #: match: the paper config does what the official code does (``settings`` hold it) |
+    #: deviation: it does not (``restore`` names the setting that would, or is empty) |
+    #: inconsistent: the official code contradicts itself here
+    kind: str = "match"
+    restore: str = ""
 
 
 ROWS: tuple[Row, ...] = (
@@ -37,7 +41,7 @@ ROWS: tuple[Row, ...] = (
         {"embed.model": "openai/clip-vit-base-patch16", "embed.kind": "clip"},
         "all-MiniLM-L6-v2 (packaged, offline)",
         "the default elsewhere must run offline; the paper config names the CLIP tower",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "candidate sets",
@@ -48,13 +52,14 @@ ROWS: tuple[Row, ...] = (
     ),
     Row(
         "duplicate candidate sets",
-        "kept: every caption's set is sent to the LLM, even when its members equal another's",
-        "preprocess/preprocess_for_chatgpt.py:16-20",
-        "sets whose members equal an earlier set's are dropped",
-        why="an identical set gives the same prompt and a near-identical image: an LLM call and a "
-        "render spent for no new data (the official no-selection variant drops them too, "
-        "preprocess/remapping.py:38-55)",
-        kind="deviation",
+        "each caption's top-30 is keyed on its first hit (the caption itself, or an identical caption "
+        "found first); sets sharing a key are joined, in order, into one prompt of 60 or more captions",
+        "preprocess/preprocess_for_chatgpt.py:14-19, generation/sele_and_sum.py:98-104",
+        "`duplicates: merge`: sets keyed on their first hit (search order, no reordering) and joined",
+        {"group.duplicates": "merge"},
+        "`drop`: each set starts with its own caption; a set whose members equal an earlier set's is dropped",
+        "an identical set gives the same prompt and a near-identical image: an LLM call and a render "
+        "spent for no new data (the official no-selection variant drops them too, preprocess/remapping.py:38-59)",
     ),
     Row(
         "LLM prompt",
@@ -64,7 +69,7 @@ ROWS: tuple[Row, ...] = (
         {"summarize.prompt": "official"},
         "`icsd`: a reworded prompt with numbered lines (selectable as `prompt: icsd`)",
         "small local models copy less and answer in form more often with the reworded prompt",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "LLM sampling",
@@ -74,7 +79,7 @@ ROWS: tuple[Row, ...] = (
         {"summarize.temperature": None, "summarize.max_new_tokens": 500},
         "temperature 0 (greedy) for the packaged local model",
         "greedy answers make offline runs repeatable",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "structured output",
@@ -84,7 +89,7 @@ ROWS: tuple[Row, ...] = (
         {"summarize.response_format": "text"},
         "`auto`: JSON schema where the server offers it, stepping down on refusal",
         "a schema makes small and local models answer in form far more often",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "answer parsing",
@@ -97,7 +102,7 @@ ROWS: tuple[Row, ...] = (
         "`strict`: 5-10 unique indices, at most 50 words",
         "eval() on model output runs code; an index 0 wraps to the last caption there "
         "(meta_list[int(ii)-1]): icsd calls it invalid",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "LLM",
@@ -119,8 +124,9 @@ ROWS: tuple[Row, ...] = (
     ),
     Row(
         "answer keys",
-        "the dict's first two keys, whatever their names",
-        "generation/postprocess.py:36",
+        "exactly two keys, whatever their names (`index_k, summary_k = list(index_summary.keys())`); "
+        "a dict with more or fewer keys raises, and the answer is dropped",
+        "generation/postprocess.py:35-38, 50-51",
         "`index`/`summary` by name, else the two keys in order; extra keys ignored",
         why="an extra key no longer drops the whole answer",
         kind="deviation",
@@ -137,9 +143,11 @@ ROWS: tuple[Row, ...] = (
     ),
     Row(
         "failed requests",
-        "2 tries on exceptions, a failed group stays empty",
-        "generation/sele_and_sum.py:10-42",
-        "transport retries with backoff; `--retry` re-asks groups that are not ok with a new seed",
+        "2 tries on exceptions, then the group's answer is stored as None; rerunning the script asks "
+        "the None groups again (answers that came back but do not parse are kept and never re-asked)",
+        "generation/sele_and_sum.py:11-41, 48-56, 81-87, 94-96",
+        "transport retries with backoff; a plain rerun keeps every record, failed ones included; "
+        "`--retry` re-asks the groups that are not ok (failed, parse_error or invalid), with a new seed",
         why="a failed or nonsensical answer can be redone without redoing the run",
         kind="deviation",
     ),
@@ -161,9 +169,18 @@ ROWS: tuple[Row, ...] = (
          "render.guidance": 7.5, "render.size": 512, "render.dtype": "fp16"},  # fmt: skip
     ),
     Row(
+        "image files",
+        "each render saved with `imgs[j].save(path.jpg)`: JPEG at PIL's default quality, 75",
+        "generation/generate_images.py:96-99",
+        "JPEG at quality 75, byte for byte what PIL's default writes",
+        {"render.image_format": "jpg", "render.quality": 75},
+        "quality 95",
+        "fewer compression artefacts for the captioner to learn, at about twice the bytes",
+    ),
+    Row(
         "NSFW images",
         "the pipeline's safety checker blacks them; a script finds black images and drops them",
-        "generation/verify_nsfw_images.py",
+        "generation/verify_nsfw_images.py:35, 49-57",
         "the safety checker's flag is recorded per image; pairs leave flagged images out",
         {"render.safety_checker": True, "pairs.include_nsfw": False},
     ),
@@ -182,21 +199,33 @@ ROWS: tuple[Row, ...] = (
         {"train.caption_style": "official", "train.caption_max_words": 30},
         "`plain` (whitespace collapsed, case and punctuation kept)",
         "kept as written elsewhere so that other corpora's casing survives",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "captioner",
         "CLIP ViT-B/32 at 384 px (positions interpolated) + BERT-base decoder with cross-attention, "
         'prompt "a picture of ", label smoothing 0.1, captions cut at 40 tokens',
-        "training/configs/caption_coco_config.py:29-40, training/src/blip.py:120",
+        "training/configs/caption_coco_config.py:29-40, training/src/blip.py:120, training/src/med.py:722",
         "the `icsd` preset",
         {"train.preset": "icsd", "train.image_size": 384, "train.prompt": "a picture of ",
          "train.label_smoothing": 0.1, "train.max_tokens": 40},  # fmt: skip
     ),
     Row(
+        "decoder start and LM head",
+        "the tokenizer gains `[DEC]` (BOS) and `[ENC]`; every caption starts with `[DEC]` in training and "
+        "decoding; the decoder is `BertLMHeadModel(config)` with only `.bert` replaced by bert-base-uncased, "
+        "so the LM-head transform and output bias start fresh (output weights tied to the embeddings, two "
+        "new rows drawn N(0, 0.02))",
+        "training/src/blip.py:103-109, 121, 145, 297-302, training/configs/med_config.json",
+        "`decoder_style: blip` (the `icsd` preset's default): the same tokens, start and initialisation",
+        {"train.decoder_style": "blip"},
+        "`bert` for the tiny, sandbox and prefix presets: the text model's MLM head, starting from `[CLS]`",
+        "the small presets train from random weights, where the two starts are the same thing",
+    ),
+    Row(
         "optimisation",
         "AdamW lr 1e-5, weight decay 0.05, batch 64 per GPU, 30 epochs",
-        "training/configs/caption_coco_config.py:21-35",
+        "training/configs/caption_coco_config.py:21-35, training/train_on_coco_img_iter.py:106",
         "the same",
         {"train.lr": 1e-5, "train.weight_decay": 0.05, "train.batch_size": 64, "train.epochs": 30},
     ),
@@ -208,7 +237,7 @@ ROWS: tuple[Row, ...] = (
         {"train.lr_schedule": "epoch", "train.warmup_steps": 0},
         "`step`: cosine per optimizer step",
         "a per-step decay is smoother and equal at every epoch boundary",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "precision and clipping",
@@ -218,7 +247,7 @@ ROWS: tuple[Row, ...] = (
         {"train.bf16": False, "train.max_grad_norm": 0.0},
         "bf16 autocast on GPU, clipping at 1.0",
         "bf16 is about twice as fast on current GPUs; clipping guards short runs at higher rates",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "augmentation",
@@ -239,12 +268,12 @@ ROWS: tuple[Row, ...] = (
         {"train.data_order": "official"},
         "`streams`: shards drawn with replacement through a 1,000-pair shuffle buffer",
         "streams read shards sequentially, for file systems that serve random reads badly",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "image-grouped steps",
         "every pair runs the vision encoder on its own image crop",
-        "training/src/blip.py",
+        "training/src/blip.py:114-119",
         "the same (`group_captions: false`)",
         {"train.group_captions": False},
         "same",
@@ -252,7 +281,7 @@ ROWS: tuple[Row, ...] = (
         "with all their captions, the vision encoder and cross-attention keys/values run once per image "
         "(about 3x fewer FLOPs per pair at 7 captions per image), the loss per caption token is unchanged, "
         "but an image's captions share one crop and one step",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "test-time image",
@@ -262,7 +291,7 @@ ROWS: tuple[Row, ...] = (
         {"train.test_resize": "squash"},
         "`crop`: shortest side to 384, centre crop (CLIP's own processing)",
         "a crop keeps the aspect ratio, as CLIP was trained",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "checkpoint selection",
@@ -272,7 +301,7 @@ ROWS: tuple[Row, ...] = (
         {"train.val_max_images": None, "train.val_tokenizer": "ptb", "train.eval_every": 500},
         "the first 500 val images, Python tokenisation, every 1,000 steps",
         "a faster check for short runs",
-        kind="setting",
+        kind="match",
     ),
     Row(
         "decoding",
@@ -284,7 +313,29 @@ ROWS: tuple[Row, ...] = (
          "evaluate.decode_lengths": "total"},  # fmt: skip
         "`new`: 5-30 new tokens after the prompt",
         "lengths that do not depend on the prompt's length",
-        kind="setting",
+        kind="match",
+    ),
+    Row(
+        "beam scores",
+        "transformers 4.15 (the dockerfile's pin): a finished beam's log-probability divided by its full "
+        "length, the prompt `[DEC] a picture of` included and the end token not counted; the early-stop "
+        "bound over the same length",
+        "dockerfile:37, training/src/blip.py:159-166",
+        "`length_norm: total`: the same division around transformers 5's own beam search; saved in the "
+        "checkpoint",
+        {"train.length_norm": "total", "evaluate.length_norm": "total"},
+        "`new` for the tiny, sandbox and prefix presets: transformers 5's division by the new tokens, end "
+        "token included",
+        "the division that current transformers makes, for checkpoints of other families",
+    ),
+    Row(
+        "decoding precision",
+        "fp32: validation and test decoding run without autocast",
+        "training/configs/caption_coco_config.py:16, training/train_on_coco_img_iter.py:63-73",
+        "`decode_dtype: fp32` (the `icsd` preset's default); saved in the checkpoint",
+        {"train.decode_dtype": "fp32", "evaluate.decode_dtype": "fp32"},
+        "`bf16` autocast on a GPU for the other presets (no effect on the CPU)",
+        "bf16 decodes faster; beams can change where two scores differ by less than bf16's rounding",
     ),
     Row(
         "evaluation",
@@ -294,10 +345,15 @@ ROWS: tuple[Row, ...] = (
     ),
     Row(
         "uni-context baseline",
-        "one image per caption of the whole corpus",
-        "(paper, Table 4)",
-        "configs/uni_context_coco.yaml renders every caption (`render.sample` unset)",
-        why="`render.sample N` exists for a cheaper baseline at a fixed image budget",
+        "one image per caption of the whole corpus (paper, Table 4); the render script names each image "
+        "`{image_id}_{coco_id}.jpg`, but the uni-context training set opens `{image_id}.jpg` unless the "
+        "image folder's path contains 'ss1m': as published, the COCO baseline does not find its images",
+        "generation/generate_images.py:45-49, 98, training/data/coco_karpathy_dataset.py:136-141",
+        "configs/uni_context_coco.yaml renders every caption (`render.sample` unset); each image is "
+        "paired with its caption by key, whatever the file name",
+        why="icsd keys images and captions in the run directory, so the contradiction cannot arise; "
+        "`render.sample N` exists for a cheaper baseline at a fixed image budget",
+        kind="inconsistent",
     ),
     Row(
         "no-selection variant",
@@ -339,16 +395,25 @@ def _settings(settings: dict[str, Any]) -> str:
     return "<br>".join(f"`{k}: {json.dumps(v)}`" for k, v in settings.items())
 
 
+def kind_cell(row: Row) -> str:
+    """match | deviation (and what restores the official behaviour) | official code inconsistent."""
+    if row.kind == "deviation":
+        return f"deviation (restore: {row.restore})" if row.restore else "deviation (no setting restores it)"
+    return "official code inconsistent" if row.kind == "inconsistent" else row.kind
+
+
 def markdown() -> str:
     """docs/fidelity.md."""
     lines = [
         "# Fidelity: the paper config against the official code",
         "",
         "`configs/icsd_coco.yaml` reproduces the official ICSD code (github FeipengMa6/ICSD) by default.",
-        "This table lists every aspect, the official code's file and line, the settings of the paper",
-        "config (checked against the resolved config by `tests/test_fidelity.py`), icsd's default",
-        "elsewhere when it differs, and why. *setting*: a difference you switch with the named keys;",
-        "*deviation*: kept on purpose in every config, with its reason.",
+        "This table lists every aspect, the official code's file and line (at the repository's HEAD), the",
+        "settings of the paper config (checked against the resolved config by `tests/test_fidelity.py`),",
+        "icsd's default elsewhere when it differs, and why. *match*: the paper config does what the",
+        "official code does; *deviation*: it does not, on purpose, with its reason and the setting that",
+        "would restore the official behaviour, if any; *official code inconsistent*: the official code",
+        "contradicts itself, so no single behaviour can be reproduced.",
         "",
         "Generated from `src/icsd/fidelity.py` (`python -m icsd.fidelity > docs/fidelity.md`).",
         "",
@@ -356,7 +421,7 @@ def markdown() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in ROWS:
-        cells = [r.aspect, r.official, r.where, r.icsd, _settings(r.settings), r.default_elsewhere, r.kind, r.why]
+        cells = [r.aspect, r.official, r.where, r.icsd, _settings(r.settings), r.default_elsewhere, kind_cell(r), r.why]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

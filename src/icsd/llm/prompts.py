@@ -33,7 +33,7 @@ AnswerMode = Literal["strict", "official"]
 PROMPT_FILES = {"icsd": "select.txt", "first-n": "first_n.txt"}
 DEFAULT_PROMPT: dict[str, str] = {"select": "icsd", "first-n": "first-n", "remap": "icsd"}
 
-# The official code's prompt, byte for byte (FeipengMa6/ICSD, generation/sele_and_sum.py:62,
+# The official code's prompt, byte for byte (FeipengMa6/ICSD, generation/sele_and_sum.py:61,
 # ``task_prompt``), including its grammar and the trailing space.
 OFFICIAL_TASK_PROMPT = (
     "Select and summary sentences in the given sentences set. You should find 5 to 10 sentences that form "
@@ -44,7 +44,7 @@ OFFICIAL_TASK_PROMPT = (
     "like {'index': list,'summary': str}. Return directly the json format results without explanation. "
     "The given sentences set are: "
 )
-# Its caption list (sele_and_sum.py:73-80 and 101-106): a period appended unless the caption ends
+# Its caption list (sele_and_sum.py:74-79 and 99-104): a period appended unless the caption ends
 # with one, then "<i> caption. " for each, numbered from 1; nothing stripped.
 OFFICIAL_CAPTIONS = (
     "{% for c in candidates %}<{{ loop.index }}> {{ c }}{% if not c.endswith('.') %}.{% endif %} {% endfor %}"
