@@ -448,7 +448,9 @@ def test_model_path_captions_and_scores(tmp_path: Path, coco_captions: Path, coc
     assert res.exit_code == 0, res.output
     scores = json.loads(out.read_text())
     assert scores["checkpoint"] == str(ckpt) and scores["n_images"] == 6
-    assert scores["decoding"] == {"beams": 2, "min_new_tokens": 1, "max_new_tokens": 6, "batch_size": 4}
+    assert scores["decoding"] == {"beams": 2, "min_new_tokens": 1, "max_new_tokens": 6, "batch_size": 4,
+                                  "decode_lengths": "new", "length_norm": "as the checkpoint",
+                                  "decode_dtype": "as the checkpoint"}  # fmt: skip
     preds = json.loads((tmp_path / "scores.predictions.json").read_text())
     assert [p["image_id"] for p in preds] == [im["id"] for im in images]
     assert all(isinstance(p["caption"], str) for p in preds)
