@@ -221,11 +221,12 @@ _NOUN_TABLE = _pattern(
 _BG_TABLE = _pattern(
     [(p, b) for b, ps in BACKGROUND_PHRASES.items() for p in ps]
     + [(n.removeprefix("a ").removeprefix("the "), b) for b, ns in BACKGROUND_NOUNS.items() for n in ns]
-    + [(w, b) for b, w in (("grass", "grass"), ("sand", "sand"), ("snow", "snow"), ("road", "road"),
+    + [(w, b) for w, b in (("grass", "grass"), ("sand", "sand"), ("snow", "snow"), ("road", "road"),
                            ("water", "water"), ("floor", "floor"), ("carpet", "carpet"), ("beach", "sand"),
                            ("lawn", "grass"), ("street", "road"), ("lake", "water"), ("rug", "carpet"),
                            ("dirt", "dirt"), ("farm", "dirt"), ("tiles", "tiles"), ("bathroom", "tiles"),
-                           ("ice", "ice"), ("rink", "ice"), ("gravel", "gravel"), ("garden", "gravel"))]
+                           ("ice", "ice"), ("rink", "ice"), ("gravel", "gravel"), ("garden", "gravel"),
+                           ("tiled floor", "tiles"), ("asphalt", "road"), ("wooden boards", "floor"))]
 )  # fmt: skip
 _POS_TABLE = _pattern([(p, pos) for pos, ps in POSITION_PHRASES.items() for p in ps])
 _REL_TABLE = _pattern([(p, rel) for rel, ps in RELATION_PHRASES.items() for p in ps])
