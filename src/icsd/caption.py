@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import IO, Any, Generic, Literal, TypeVar
 
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
+from .console import progress_bar
 from .errors import UserError
 from .formats import image_id_from_file
 from .images import to_rgb
@@ -140,6 +140,18 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]
     return unique, missing
 
 
+def check_model(model: str, missing_images: list[tuple[str, str]]) -> None:
+    """Fail on a bad ``--model`` before anything is said about the images; a missing model is named
+    first, with the image paths that are missing too."""
+    from .backends.captioners import check_checkpoint
+
+    try:
+        check_checkpoint(model)
+    except UserError as exc:
+        also = "; ".join(f"{name} ({reason})" for name, reason in missing_images)
+        raise UserError(f"{exc}" + (f"; images not found either: {also}" if also else "")) from None
+
+
 def open_image(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
@@ -183,12 +195,13 @@ def caption_files(
         raise UserError("give at least one image file, glob or folder")
     say = report or (lambda msg: print(msg, file=sys.stderr))
     paths, skipped = collect_images(inputs)
+    check_model(model, skipped)
     for name, reason in skipped:
         say(f"skipped {name}: {reason}")
     if not paths:
         raise UserError("no image files found in the given inputs")
     captioner = load_captioner(model, device)
-    bar = tqdm(total=len(paths), desc="caption", unit="img", disable=None, file=sys.stderr)
+    bar = progress_bar(len(paths), "caption", "img")
     try:
         done = caption_batched(
             captioner,

@@ -399,28 +399,47 @@ def run_chain(
         raise UserError("--rehearse.* options need --rehearse")
     cfg = pipeline.load_config(config_file, overrides, run)
     run_path = run if run is not None else pipeline.default_run_dir(cfg)
+    if cfg.notice:
+        typer.echo(f"{cfg.name}: {cfg.notice}")
     with run_dir_guard(run_path):
         result = pipeline.run(cfg, run_path, start=start, stop=stop, force=force or [], echo=typer.echo)
-    root = result.run.root
-    typer.echo(
-        f"run: {len(result.ran)} stage(s) ran, {len(result.skipped)} skipped in {result.seconds:.1f}s -> {root}"
-    )
-    typer.echo(f"  report:  {root / 'report.html'}")
-    for name in ("best", "last"):
-        if (root / "train" / name).exists():
-            typer.echo(f"  model:   {root / 'train' / name}")
-            break
-    evals = sorted((root / "eval").glob("*/scores.json")) if (root / "eval").exists() else []
-    for f in evals:
-        typer.echo(f"  scores:  {f}{headline_score(f)}")
+    for line in closing_lines(result, cfg.notice):
+        typer.echo(line)
     if config_file is None:
         typer.echo(
             "This was the offline quickstart in the sandbox world (docs/sandbox.md: what it shows and what\n"
-            "it does not). Caption a test image: icsd caption --model "
-            f"{root / 'train' / 'best'} IMAGE; the real-model smoke chain: icsd run pkg:configs/smoke.yaml.\n"
+            "it does not); the real-model smoke chain: icsd run pkg:configs/smoke.yaml.\n"
             "For the paper's setting on a GPU machine:\n"
             "  icsd run configs/icsd_coco.yaml   (see configs/README.md for the keys you must set)"
         )
+
+
+def closing_lines(result: Any, notice: str | None = None) -> list[str]:
+    """What ``icsd run`` ends with: the scores, the report, the model, the test images' folder and
+    an ``icsd caption`` command on one of them that can be pasted as it is, then the chain's notice."""
+    import shlex
+
+    from .sandbox.report import evaluate_settings, test_examples
+
+    root = result.run.root
+    lines = [f"run: {len(result.ran)} stage(s) ran, {len(result.skipped)} skipped in {result.seconds:.1f}s -> {root}"]
+    evals = sorted((root / "eval").glob("*/scores.json")) if (root / "eval").exists() else []
+    lines += [f"  scores:       {f}{headline_score(f)}" for f in evals]
+    if (root / "report.html").exists():
+        lines.append(f"  report:       {root / 'report.html'}")
+    model = next((root / "train" / n for n in ("best", "last") if (root / "train" / n / "config.json").exists()), None)
+    if model is not None:
+        lines.append(f"  model:        {model}")
+    images = evaluate_settings(root).get("images")
+    if images and Path(str(images)).is_dir():
+        lines.append(f"  test images:  {images}")
+        example = test_examples(root, 1)
+        first = example[0].image if example else next((p for p in sorted(Path(str(images)).iterdir()) if p.is_file()), None)
+        if model is not None and first is not None:
+            lines.append(f"  caption one:  icsd caption --model {shlex.quote(str(model))} {shlex.quote(str(first))}")
+    if notice:
+        lines.append(f"note: {notice}")
+    return lines
 
 
 def headline_score(scores_file: Path) -> str:
@@ -441,7 +460,8 @@ def headline_score(scores_file: Path) -> str:
     epilog="Examples:\n\n"
     "  icsd config show -c configs/ablation_k10.yaml\n\n"
     "  icsd config show -r runs/coco --origin\n\n"
-    "  icsd config show -c configs/icsd_coco.yaml --train.batch_size 32 --stage train",
+    "  icsd config show -c configs/icsd_coco.yaml --train.batch_size 32 --stage train\n\n"
+    "  icsd config show --stage evaluate     # the quickstart's test images and references",
 )
 def config_show(
     ctx: typer.Context,
@@ -452,14 +472,19 @@ def config_show(
     stage: Annotated[str | None, typer.Option(help="Show only this stage's settings.")] = None,
     origin: Annotated[bool, typer.Option("--origin", help="Say where each value came from.")] = False,
 ) -> None:
-    """Print the settings a command would use, resolved as RUN/config.yaml <- -c FILE <- overrides."""
+    """Print the settings a command would use, resolved as RUN/config.yaml <- -c FILE <- overrides,
+    with every pkg: and sandbox: path as the file it names. With neither -c nor -r: the bundled
+    quickstart's, what `icsd run` uses."""
     import yaml
 
-    from .config import STAGE_CONFIGS, resolve, to_yaml
+    from .config import STAGE_CONFIGS, quickstart_config_path, resolve, to_yaml
     from .registry import closest
 
     if run is not None and not run.is_dir():
         raise UserError(f"no run at {run}")
+    if config is None and run is None:
+        config = quickstart_config_path()
+        typer.echo("# the bundled quickstart's settings (what `icsd run` uses); -c FILE or -r RUN for others", err=True)
     overrides = split_run_args(list(ctx.args), allow_config=False)[1]
     resolved = resolve(config, overrides, run)
     if stage is None:

@@ -509,6 +509,11 @@ class PipelineConfig(StageConfig):
 
     name: str = Field(default="run", description="Run name (the run directory defaults to runs/<name>).")
     run_dir: str | None = Field(default=None, description="Run directory.")
+    notice: str | None = Field(
+        default=None,
+        description="What this chain is for (what it checks, what its scores mean): icsd run prints it "
+        "when the chain starts and in its closing lines.",
+    )
 
     if TYPE_CHECKING:  # a stage's block: ``cfg.render``, ``cfg.train``, ... (one per registered stage)
 
@@ -606,6 +611,19 @@ def lasting(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- reading layers
 
 
+def yaml_problem(path: Path, exc: Exception) -> str:
+    """``FILE line L, column C: problem (context at line L', column C')`` from a parser error, on one
+    line; the parser's own text (marks drawn over several lines) for errors without a position."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        text = f"{path} line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context and exc.context_mark is not None:
+            where = exc.context_mark
+            text += f" ({exc.context} at line {where.line + 1}, column {where.column + 1})"
+        return text
+    return f"{path}: " + " ".join(str(exc).split())
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -613,8 +631,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        msg = str(exc).replace("\n", " ")
-        raise UserError(f"config file is not valid YAML ({p}): {msg}") from None
+        raise UserError(f"config file is not valid YAML: {yaml_problem(p, exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

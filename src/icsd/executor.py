@@ -31,6 +31,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from . import interrupt
+from .console import progress_bar
 from .errors import UserError
 from .store import is_done
 
@@ -117,7 +118,7 @@ def run_tasks(
     if skipped and todo and not quiet:
         tqdm.write(f"{desc}: resuming: {skipped} of {len(tasks)} shards already done, {len(todo)} to go", file=sys.stderr)
     interrupt.at(f"{desc} ({skipped} of {len(tasks)} shards done)")
-    bar = tqdm(total=total, initial=already, desc=desc, unit=unit, disable=quiet or None, dynamic_ncols=True)
+    bar = progress_bar(total, desc, unit, initial=already, disable=quiet)
     try:
         if not todo:
             results: list[dict[str, Any]] = []

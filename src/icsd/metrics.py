@@ -485,8 +485,14 @@ def _corenlp_folder(folder: Path) -> Path | None:
     return None
 
 
-def spice_missing_note() -> str:
-    return f"SPICE skipped: Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) not found; {SPICE_HINT}"
+SPICE_SKIPPED = "SPICE skipped"
+
+
+def spice_missing_note(short: bool = False) -> str:
+    """Why SPICE was not computed; ``short``: one clause that points to ``icsd evaluate --help``."""
+    if short:
+        return f"{SPICE_SKIPPED}: no Stanford CoreNLP 3.6.0 jars (--spice-jars DIR; see icsd evaluate --help)"
+    return f"{SPICE_SKIPPED}: Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) not found; {SPICE_HINT}"
 
 
 # Java 9+ closes the JDK internals that SPICE's parse cache (FST serialisation) reflects on.
@@ -676,7 +682,7 @@ def score_captions(
     if "SPICE" in chosen:
         jars = find_spice_jars(spice_jars)
         if jars is None:
-            notes.append(spice_missing_note())
+            notes.append(spice_missing_note(short=True))
             chosen = tuple(m for m in chosen if m != "SPICE")
             if not chosen:
                 raise UserError(f"nothing to compute: {spice_missing_note()}")

@@ -162,6 +162,7 @@ def run_stages(
             continue
         changed = stage in forced or finished_before(stage, rd)
         stage_cfg = prepared(spec, cfg, rd, changed)
+        echo(f"{stage}: started")
         stage_result = spec.run(stage_cfg, rd)
         record_fingerprint(spec, stage_cfg, rd)
         result.ran.append(stage)

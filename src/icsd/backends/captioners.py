@@ -31,7 +31,13 @@ from .captioning.base import (
 from .captioning.cross_attention import cross_attention_modules, kv_per_image
 from .captioning.hf import check_all_weights_loaded, quiet_transformers
 from .captioning.icsd import IcsdCaptioner, compose_encoder_decoder
-from .captioning.inference import Captioner, checkpoint_family, load_captioner, read_captioner_info
+from .captioning.inference import (
+    Captioner,
+    check_checkpoint,
+    checkpoint_family,
+    load_captioner,
+    read_captioner_info,
+)
 from .captioning.prefix import PrefixCaptioner, prefix_image_features, prefix_processor
 from .captioning.text import (
     DEFAULT_PROMPT,
@@ -86,6 +92,7 @@ __all__ = [
     "interpolate_position_embeddings",
     "kv_per_image",
     "load_captioner",
+    "check_checkpoint",
     "load_clip_vision",
     "minilm_vocab",
     "official_caption",

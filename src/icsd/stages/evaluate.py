@@ -15,14 +15,17 @@ from typing import Any
 
 from ..caption import skipped_note
 from ..config import EvaluateConfig
+from ..console import progress_bar
 from ..data.cards import write_model_cards
 from ..errors import UserError
 from ..eval_sets import count_note, load_references
 from ..formats import References, load_predictions, predictions_json
 from ..images import to_rgb
 from ..metrics import (
+    ALL_METRICS,
     SCALE_LABEL,
     SCORE_KEYS,
+    SPICE_SKIPPED,
     CaptionScores,
     Evaluation,
     format_score,
@@ -126,8 +129,6 @@ def open_image(path: Path) -> Any:
 def caption_images(cfg: EvaluateConfig, refs: References) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Caption the benchmark's images with the checkpoint, in batches, with a progress bar:
     ``({key: caption}, [(file name, reason) of each image that could not be read]``."""
-    from tqdm import tqdm
-
     from ..caption import caption_batched
 
     assert cfg.model is not None and cfg.images is not None
@@ -137,7 +138,7 @@ def caption_images(cfg: EvaluateConfig, refs: References) -> tuple[dict[str, str
     except ImportError as exc:
         raise UserError(f"--model needs the captioner backend (icsd.backends.captioners): {exc}") from None
     captioner = load_captioner(cfg.model, device=cfg.device, length_norm=cfg.length_norm, decode_dtype=cfg.decode_dtype)
-    with tqdm(total=len(todo), desc=f"caption {refs.name}", unit="img") as bar:
+    with progress_bar(len(todo), f"caption {refs.name}", "img") as bar:
         done = caption_batched(
             captioner,
             todo,
@@ -248,9 +249,15 @@ def evaluate(cfg: EvaluateConfig) -> EvalOutcome:
         spice_jars=cfg.spice_jars,
     )
     doc = scores_document(cfg, refs, ev, captions, unreadable)
-    return EvalOutcome(
-        refs=refs, captions=captions, evaluation=ev, scores=doc, notes=notes + ev.notes, unreadable=unreadable
-    )
+    notes += [n for n in ev.notes if spice_asked(cfg) or not n.startswith(SPICE_SKIPPED)]
+    return EvalOutcome(refs=refs, captions=captions, evaluation=ev, scores=doc, notes=notes, unreadable=unreadable)
+
+
+def spice_asked(cfg: EvaluateConfig) -> bool:
+    """SPICE was named on purpose: the metrics are not the default set, which takes SPICE only when
+    its jars are found (and says nothing when they are not)."""
+    chosen = parse_metrics(cfg.metrics)
+    return "SPICE" in chosen and chosen != ALL_METRICS
 
 
 def per_image_document(outcome: EvalOutcome) -> list[dict[str, Any]]:
@@ -396,6 +403,10 @@ SPEC = StageSpec(
         "icsd evaluate --model runs/coco/train/best --benchmark flickr30k-karpathy-test "
         "--annotations dataset_flickr30k.json --images data/flickr30k-images --run runs/coco",
         "ICSD_SPICE_JARS=~/stanford-corenlp-full-2015-12-09 icsd evaluate --predictions p.json --references r.json",
+        "SPICE needs the Stanford CoreNLP 3.6.0 jars: download "
+        "http://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip, unzip it and pass --spice-jars DIR "
+        "(or set ICSD_SPICE_JARS=DIR). The default metrics take SPICE when the jars are found; "
+        "--metrics ...,SPICE asks for it and says when it cannot run.",
         "Benchmarks: coco-karpathy-test, coco-karpathy-val, flickr30k-karpathy-test, flickr30k-karpathy-val, "
         "nocaps-val (scored per domain), coco-captions.",
     ),

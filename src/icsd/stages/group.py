@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from ..config import GroupConfig
+from ..console import progress_bar
 from ..errors import UserError
 from ..knn import (
     IndexSpec,
@@ -102,7 +102,7 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
         raise UserError(f"--device {cfg.device} runs exact search; --index {cfg.index} is a faiss index for --device cpu")
     label = cfg.index if device is None else f"exact, torch on {device}, {cfg.precision}"
     merge = cfg.duplicates == "merge"
-    with tqdm(total=len(ids), desc=f"group ({label})", unit="cap", dynamic_ncols=True) as bar:
+    with progress_bar(len(ids), f"group ({label})", "cap") as bar:
         if device is None:
             member_idx, scores, keep = candidate_sets(vectors, cfg.k, spec, cfg.block_size, bar.update, not merge)
         else:

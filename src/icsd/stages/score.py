@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tqdm.auto import tqdm
-
 from ..config import ScoreConfig
+from ..console import progress_bar
 from ..errors import UserError
 from ..executor import resolve_device
 from ..records import ImageSample, Score, Selection, from_table, iter_batches, to_table
@@ -60,7 +59,7 @@ def run(cfg: ScoreConfig, run: RunDir) -> StageResult:
     scorer = ClipScorer(cfg.model, resolve_device(cfg.device))
     scores: list[Score] = []
     images = 0
-    with tqdm(desc="score", unit="img", dynamic_ncols=True) as bar:
+    with progress_bar(None, "score", "img") as bar:
         for batch in iter_batches((s for s in _samples(run) if s.image), cfg.batch_size):
             img_vecs = scorer.embed_images([s.image for s in batch if s.image])
             for sample, img_vec in zip(batch, img_vecs, strict=True):

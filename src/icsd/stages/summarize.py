@@ -37,9 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from ..config import SummarizeConfig
+from ..console import progress_bar
 from ..errors import UserError
 from ..executor import ShardTask, count_workers, device_for_worker, run_tasks
 from ..llm import LLM_BACKENDS, ChatAnswer, ChatBackend, ChatRequest, LLMOptions, make_backend
@@ -95,6 +95,16 @@ def read_groups(run: RunDir) -> Groups:
     members = cand.column("member_ids").to_pylist()
     texts = dict(zip(caps.column("caption_id").to_pylist(), caps.column("text").to_pylist(), strict=True))
     return Groups(ids=ids, members=members, texts=texts)
+
+
+def sample_note(chosen: int, total: int, cfg: SummarizeConfig) -> list[str]:
+    """What a user must know when only part of the candidate sets is sent: how many, and how to send all."""
+    if chosen >= total:
+        return []
+    keys = [k for k in ("sample", "limit") if getattr(cfg, k) is not None]
+    told = ", ".join(f"{STAGE}.{k} {getattr(cfg, k)}" for k in keys)
+    send_all = " ".join(f"--{STAGE}.{k} null" for k in keys)
+    return [f"note: {STAGE} sends a sample: {chosen:,} of {total:,} candidate sets ({told}; {send_all} sends all)"]
 
 
 def choose_groups(count: int, *, limit: int | None, sample: int | None, seed: int) -> list[int]:
@@ -338,7 +348,7 @@ class Progress:
     """The progress bar: groups/s and ETA from tqdm, plus requests/s, tokens/s and failures."""
 
     def __init__(self, total: int, tally: Tally, quiet: bool = False) -> None:
-        self.bar = tqdm(total=total, desc=STAGE, unit="group", dynamic_ncols=True, disable=quiet or None)
+        self.bar = progress_bar(total, STAGE, "group", disable=quiet)
         self.tally = tally
         self.start = time.monotonic()
         self.last = 0.0
@@ -470,7 +480,7 @@ def run(cfg: SummarizeConfig, run: RunDir) -> StageResult:
     spec: LLMOptions = cfg.options()
     model = spec.model_label()
     folder = run.selection_parts
-    notes: list[str] = []
+    notes = sample_note(len(chosen), len(groups.ids), cfg)
     tally = Tally()
     with exclusive(folder):
         keep = {p.name for p in done_parts(folder)}
@@ -565,7 +575,7 @@ def run_remap(cfg: SummarizeConfig, run: RunDir, settings: PromptSettings, timer
     chosen = choose_groups(len(groups.ids), limit=cfg.limit, sample=cfg.sample, seed=cfg.seed)
     phash = remap_hash(settings)
     folder = run.selection_parts
-    notes: list[str] = []
+    notes = sample_note(len(chosen), len(groups.ids), cfg)
     with exclusive(folder):
         remove_stale_parts(folder, {p.name for p in done_parts(folder)}, PART_PATTERN)
         existing = priors(latest_table(folder))

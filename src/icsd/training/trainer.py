@@ -27,6 +27,7 @@ from .. import interrupt
 from ..backends.captioners import CaptionerSpec, CaptionModel, build_caption_model
 from ..caption import skipped_note
 from ..config import TrainConfig
+from ..console import progress_bar
 from ..errors import UserError
 from ..executor import ShardTask, run_tasks
 from ..records import Pair, from_table
@@ -629,7 +630,7 @@ class Trainer:
         cfg, ranks, device = self.cfg, self.ranks, self.ranks.device
         accum = cfg.grad_accum
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and cfg.bf16)
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not ranks.main or None, dynamic_ncols=True)
+        bar = progress_bar(total, "train", "step", initial=start, disable=not ranks.main)
         window = restored_window(window_state, device)
         it: Any = None
         try:

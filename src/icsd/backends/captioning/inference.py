@@ -107,6 +107,23 @@ def checkpoint_family(model_type: Any, info: dict[str, Any], folder: Path) -> ty
     raise UserError(f"cannot load captioner: unsupported model type {model_type!r} in {folder}; known: {', '.join(known)}")
 
 
+CHECKPOINT_HINT = "a checkpoint is a folder such as RUN/train/best"
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` names, or a :class:`UserError` that says what is wrong with it:
+    missing, or no ``config.json`` (for a run folder or its ``train/``: the checkpoint inside)."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise UserError(f"model not found: {path} ({CHECKPOINT_HINT})")
+    if (folder / "config.json").is_file():
+        return folder
+    subfolders = ("train/best", "best", "train/last", "last")
+    inside = next((folder / s for s in subfolders if (folder / s / "config.json").is_file()), None)
+    hint = f"did you mean --model {inside}?" if inside is not None else CHECKPOINT_HINT
+    raise UserError(f"not a captioner checkpoint (no config.json): {folder}; {hint}")
+
+
 def load_captioner(
     path: str, device: str = "auto", *, length_norm: str | None = None, decode_dtype: str | None = None
 ) -> Captioner:
@@ -115,10 +132,8 @@ def load_captioner(
     ``bf16`` for checkpoints that record neither)."""
     from ...executor import resolve_device
 
-    folder = Path(path).expanduser()
+    folder = check_checkpoint(path)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"not a captioner checkpoint (no config.json): {folder}")
     try:
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
