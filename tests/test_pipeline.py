@@ -63,7 +63,9 @@ def test_whole_chain_then_skip_then_partial_rerun(tmp_path: Path, server: ChatSe
     scores = json.loads((root / "eval" / "coco-captions" / "scores.json").read_text())
     assert "CIDEr" in json.dumps(scores)
     html = (root / "report.html").read_text()
-    assert "untrained model" in html and "Pipeline at a glance" in html
+    assert "untrained model" in html and "How the training data was made" in html
+    assert "summarize: started" in lines and lines.index("summarize: started") < lines.index("render: started")
+    assert any(line.startswith("note: summarize sends a sample: 6 of ") for line in lines), lines
 
     again = pipeline.run(cfg, run_dir, echo=lines.append)
     assert again.ran == ["report"] and again.skipped == [s for s in first.ran if s != "report"]
@@ -89,6 +91,11 @@ def test_run_command_prints_where_outputs_went(tmp_path: Path, server: ChatServe
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "render: images 6" in r.stdout and "run: 5 stage(s) ran" in r.stdout
+    # the smoke chain says what it checks and that its scores mean nothing, first and last
+    out = r.stdout.strip().splitlines()
+    assert out[0].startswith("smoke: a check that the real model classes load and run")
+    assert out[-1].startswith("note: a check that") and "carry no meaning" in out[-1]
+    assert "\r" not in r.stderr  # no progress-bar frames in a log
     bad = subprocess.run(
         [sys.executable, "-m", "icsd.cli", "run", "--render.nope", "1"], capture_output=True, text=True, env=env
     )

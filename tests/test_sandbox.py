@@ -281,19 +281,27 @@ def test_report_puts_the_run_beside_the_documented_figures(
     world = write_world(WORLDS["small"], tmp_path / "worlds" / "mine")
     config = {"annotations": str(world / "test.json"), "images": str(world / "test"), "benchmark": "sandbox-test"}
     (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
+    # the format benchmarks/sandbox_compare.py --publish writes: sd and "N seeds" in a note
     figures = {
         "note": "n",
-        "methods": {"uni_context": {"CIDEr_mean": 0.4, "CIDEr_sd": 0.01, "Bleu_4_mean": 0.1}},
+        "methods": {
+            "uni_context": {"CIDEr_mean": 0.4, "CIDEr_sd": 0.01, "Bleu_4_mean": 0.1, "note": "3 seeds"},
+            "fixed caption (bound)": {"CIDEr_mean": 0.17, "CIDEr_sd": 0.0, "note": "a red star"},
+        },
     }
     monkeypatch.setattr(report, "reference_scores", lambda: figures)
-    html = report.sandbox_section(run)
-    assert "this run" in html and "0.500" in html and "uni_context" in html and "0.400 ± 0.010" in html
+    html = report.comparison_section(run)
+    # t interval of 3 seeds: 0.4 +- 4.303 * 0.01 / sqrt(3)
+    assert "this run" in html and "0.500" in html and "uni context" in html and "0.375 – 0.425" in html
+    assert "a red star" not in html and "<th></th>" not in html and "bound" in html
+    assert html.index("this run") < html.index("uni context")  # best first
+    assert "above every documented method" in html
     coco = tmp_path / "sandbox" / "coco.json"  # a benchmark that is no world, whatever its path says
     coco.parent.mkdir()
     coco.write_text("{}")
     config["annotations"] = str(coco)
     (run / "manifest.json").write_text(json.dumps({"stages": {"evaluate": {"config": config}}}))
-    assert report.sandbox_section(run) == ""
+    assert report.comparison_section(run) == ""
 
 
 def test_sandbox_vision_encoder_grid_and_saved_round_trip(tmp_path: Path) -> None:

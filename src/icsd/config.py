@@ -558,7 +558,7 @@ DEFAULT_SOURCE = "default"
 COMMAND_LINE = "the command line"
 PKG_PREFIX = "pkg:"
 SANDBOX_PREFIX = "sandbox:"  # a file of a sandbox world, written on first use (icsd.sandbox.make)
-TOP_LEVEL = ("name", "run_dir")
+TOP_LEVEL = ("name", "run_dir", "notice")
 
 
 def package_file(relative: str) -> Path:

@@ -358,10 +358,11 @@ def group_card(sel: dict[str, Any], members: list[str], captions: dict[str, str]
     selected = set(sel.get("selected_ids") or [])
     shown = [(n, cid) for n, cid in enumerate(members, 1) if cid in selected] or list(enumerate(members[:5], 1))
     others = [(n, cid) for n, cid in enumerate(members, 1) if (n, cid) not in shown]
-    item = lambda n, cid: (  # noqa: E731
-        f"<li value='{n}' class='{'sel' if cid in selected else 'unsel'}'>{'✔ ' if cid in selected else ''}"
-        f"{escape(captions.get(cid, cid))}</li>"
-    )
+
+    def item(n: int, cid: str) -> str:
+        tick = "✔ " if cid in selected else ""
+        return f"<li value='{n}' class='{'sel' if tick else 'unsel'}'>{tick}{escape(captions.get(cid) or cid)}</li>"
+
     items = "".join(item(n, c) for n, c in shown)
     if others:
         rest = "".join(item(n, c) for n, c in others)
