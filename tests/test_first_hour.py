@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,3 +137,20 @@ def test_yaml_errors_keep_line_and_column(tmp_path: Path) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert f"{bad} line 5, column " in message and "(while parsing a flow sequence at line 4, column 7)" in message
+
+
+def test_library_bars_are_off_and_ours_stay_on() -> None:
+    # tqdm reads TQDM_* when it is imported: the CLI quiets the libraries before anything imports it
+    script = (
+        "import io\n"
+        "from icsd.console import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "from tqdm.auto import tqdm\n"
+        "from icsd.console import progress_bar\n"
+        "class Tty(io.StringIO):\n"
+        "    def isatty(self): return True\n"
+        "print(tqdm(total=3).disable, progress_bar(3, 'train', 'step', file=Tty()).disable)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ICSD_VERBOSE", "TQDM_DISABLE")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["True", "False"], out.stderr[-1000:]

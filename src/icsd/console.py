@@ -22,7 +22,8 @@ NOISY = ("transformers", "diffusers", "huggingface_hub", "sentence_transformers"
 
 
 def quiet_libraries() -> None:
-    """Silence library warnings and internal progress bars (unless ``ICSD_VERBOSE`` is set)."""
+    """Silence library warnings and internal progress bars (unless ``ICSD_VERBOSE`` is set). Call it
+    before tqdm is imported: tqdm reads its ``TQDM_*`` settings then."""
     if os.environ.get("ICSD_VERBOSE"):
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -30,6 +31,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # huggingface_hub's switch; transformers and diffusers read it for their own tqdm bars too.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # tqdm's own switch, for the bars libraries draw with plain tqdm (transformers' GGUF loading);
+    # icsd's bars (progress_bar) pass ``disable`` themselves
+    os.environ.setdefault("TQDM_DISABLE", "1")
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module=rf"{name}(\..*)?$")
@@ -146,7 +150,9 @@ def progress_bar(
         return PlainProgress(total, desc, unit, initial, file)
     # smoothing 0: the estimate is the average over the whole stage, not over the last few units
     # (the first steps of training, which load data and models, make a short-window estimate wild).
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True, smoothing=0)
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True, smoothing=0, disable=False
+    )
 
 
 def _is_terminal(stream: IO[str]) -> bool:

@@ -66,12 +66,11 @@ def encoder(
     """Pretrain the sandbox captioner's image encoder (the world's stand-in for CLIP): multi-label
     kinds, colours and background on the renderer's pictures of random scenes, scored on camera
     pictures of other scenes. The packaged encoder is this command with its defaults."""
-    from tqdm.auto import tqdm
-
+    from ..console import progress_bar
     from .pretrain import pretrain_encoder
 
     settings = PretrainSettings(images=images, steps=steps, batch_size=batch_size, seed=seed)
-    with tqdm(total=steps, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+    with progress_bar(steps, "pretrain", "step") as bar:
 
         def progress(step: int, total: int, info: dict[str, float]) -> None:
             bar.update(1)
