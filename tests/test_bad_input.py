@@ -136,7 +136,8 @@ HOSTILE = [
     '" onmouseover="alert(3)',
 ]
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "table", "thead", "tbody",
-                "tr", "th", "td", "details", "summary", "pre", "div", "span", "ol", "li", "img"}  # fmt: skip
+                "tr", "th", "td", "details", "summary", "pre", "div", "span", "ol", "li", "img",
+                "section", "code", "figure", "figcaption", "b", "br", "a"}  # the report's own markup  # fmt: skip
 
 
 class TagCollector(HTMLParser):

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tqdm.auto import tqdm
-
 from . import interrupt
 from .console import progress_bar
 from .errors import UserError
@@ -116,7 +114,7 @@ def run_tasks(
     total = sum(t.size for t in tasks)
     already = total - sum(t.size for t in todo)
     if skipped and todo and not quiet:
-        tqdm.write(f"{desc}: resuming: {skipped} of {len(tasks)} shards already done, {len(todo)} to go", file=sys.stderr)
+        print(f"{desc}: resuming: {skipped} of {len(tasks)} shards already done, {len(todo)} to go", file=sys.stderr, flush=True)
     interrupt.at(f"{desc} ({skipped} of {len(tasks)} shards done)")
     bar = progress_bar(total, desc, unit, initial=already, disable=quiet)
     try:
