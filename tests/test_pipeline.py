@@ -64,6 +64,7 @@ def test_whole_chain_then_skip_then_partial_rerun(tmp_path: Path, server: ChatSe
     assert "CIDEr" in json.dumps(scores)
     html = (root / "report.html").read_text()
     assert "untrained model" in html and "How the training data was made" in html
+    assert "carry no meaning" in html.split("id='training'")[0]  # the chain's notice, in the results card
     assert "summarize: started" in lines and lines.index("summarize: started") < lines.index("render: started")
     assert any(line.startswith("note: summarize sends a sample: 6 of ") for line in lines), lines
 

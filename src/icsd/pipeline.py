@@ -87,6 +87,16 @@ def record_fingerprint(spec: StageSpec, stage_cfg: Any, run: RunDir) -> None:
     atomic_write_json(run.manifest_json, manifest)
 
 
+def record_notice(run: RunDir, notice: str | None) -> None:
+    """Keep the chain's notice (what it checks, what its scores mean) in the manifest, for the report."""
+    if not run.manifest_json.exists():
+        return
+    manifest = run.read_manifest()
+    if manifest.get("notice") != notice:
+        manifest["notice"] = notice
+        atomic_write_json(run.manifest_json, manifest)
+
+
 def finished_before(stage: str, run: RunDir) -> bool:
     """The stage completed a run earlier (so a rerun now means its config or inputs changed)."""
     recorded = run.read_manifest().get("pipeline", {}).get(stage)
@@ -163,8 +173,10 @@ def run_stages(
         changed = stage in forced or finished_before(stage, rd)
         stage_cfg = prepared(spec, cfg, rd, changed)
         echo(f"{stage}: started")
+        record_notice(rd, cfg.notice)
         stage_result = spec.run(stage_cfg, rd)
         record_fingerprint(spec, stage_cfg, rd)
+        record_notice(rd, cfg.notice)
         result.ran.append(stage)
         result.results[stage] = stage_result
         for note in getattr(stage_result, "notes", []):

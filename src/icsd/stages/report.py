@@ -161,7 +161,9 @@ def results_card(run: RunDir, manifest: dict[str, Any]) -> str:
     run's place in the documented comparison."""
     stages = manifest.get("stages", {})
     evals = evaluations(run)
-    note = f"<p class='note'>{escape(UNTRAINED_NOTE)}</p>" if untrained_images(run) else ""
+    notes = [manifest["notice"]] if isinstance(manifest.get("notice"), str) else []
+    notes += [UNTRAINED_NOTE] if untrained_images(run) else []
+    note = "".join(f"<p class='note'>{escape(n[:1].upper() + n[1:])}</p>" for n in notes)
     parts = [f"<h1>icsd run: {escape(run.root.name)}</h1><p class='lead'>{escape(data_line(stages))}</p>", note]
     if not evals:
         parts.append("<p>No test scores yet: this run has no evaluation (<code>icsd evaluate --run RUN ...</code>).</p>")
