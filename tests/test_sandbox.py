@@ -296,6 +296,12 @@ def test_report_puts_the_run_beside_the_documented_figures(
     assert "a red star" not in html and "<th></th>" not in html and "bound" in html
     assert html.index("this run") < html.index("uni context")  # best first
     assert "above every documented method" in html
+    # what the comparison script publishes besides: the world and the paired difference
+    figures["world"] = "default@2026"
+    figures["icsd_minus_uni_context"] = {"mean": -0.08, "ci": [-0.15, -0.01], "seeds": [0, 1, 2], "decision": "ICSD is not better"}
+    html = report.comparison_section(run)
+    assert "paired over seeds 0, 1, 2: -0.080 (95 % interval -0.150 to -0.010); ICSD is not better." in html
+    assert "world default@2026" in html
     coco = tmp_path / "sandbox" / "coco.json"  # a benchmark that is no world, whatever its path says
     coco.parent.mkdir()
     coco.write_text("{}")
@@ -445,7 +451,7 @@ def test_the_sandbox_chain_end_to_end_and_the_kind_true_diagnostic(
     scores = json.loads((root / "eval" / "sandbox-test" / "scores.json").read_text())
     assert scores.get("scores", scores)["CIDEr"] > 0
     html = (root / "report.html").read_text()
-    assert "Test images: the model" in html and "Sandbox world: this run" in html
+    assert "Test images: the model" in html and "This run beside the documented comparison" in html
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "sandbox_compare.py"
     spec = importlib.util.spec_from_file_location("sandbox_compare", path)

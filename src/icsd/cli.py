@@ -484,7 +484,6 @@ def config_show(
         raise UserError(f"no run at {run}")
     if config is None and run is None:
         config = quickstart_config_path()
-        typer.echo("# the bundled quickstart's settings (what `icsd run` uses); -c FILE or -r RUN for others", err=True)
     overrides = split_run_args(list(ctx.args), allow_config=False)[1]
     resolved = resolve(config, overrides, run)
     if stage is None:

@@ -22,6 +22,10 @@ The comparison is data, read from :data:`REFERENCE_FILE` (written by
                                                      when <name> contains "(bound)")
           "finding": "one sentence about this row"  (optional)
         }
+      },
+      "world": "default",                           (optional: the world the figures were measured in)
+      "icsd_minus_uni_context": {                   (optional: the paired difference of the two)
+        "mean": -0.08, "ci": [-0.15, -0.01], "seeds": [0, 1, 2], "decision": "one sentence"
       }
     }
 
@@ -147,6 +151,8 @@ class Reference:
     finding: str = ""
     doc: str = ""
     note: str = ""
+    world: str = ""
+    difference: str = ""  # the paired ICSD - uni-context difference, in one sentence
 
 
 def t_quantile(df: int) -> float:
@@ -192,7 +198,24 @@ def load_reference(data: dict[str, Any] | None = None) -> Reference | None:
     figures = [f for name, row in methods.items() if isinstance(row, dict) and (f := _figure(str(name), row))]
     if not figures:
         return None
-    return Reference(figures, str(data.get("finding") or ""), str(data.get("doc") or ""), str(data.get("note") or ""))
+    text = {k: str(data.get(k) or "") for k in ("finding", "doc", "note", "world")}
+    return Reference(figures, **text, difference=paired_difference(data.get("icsd_minus_uni_context")))
+
+
+def paired_difference(primary: Any) -> str:
+    """``ICSD minus uni-context, paired over seeds 0, 1, 2: -0.080 (95 % interval -0.150 to -0.010).``"""
+    if not isinstance(primary, dict) or _number(primary.get("mean")) is None:
+        return ""
+    text = "ICSD minus uni-context test CIDEr"
+    seeds = primary.get("seeds")
+    if isinstance(seeds, list) and seeds:
+        text += ", paired over seeds " + ", ".join(map(str, seeds))
+    text += f": {float(primary['mean']):+.3f}"
+    ci = primary.get("ci")
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_number(v) is not None for v in ci):
+        text += f" (95 % interval {float(ci[0]):+.3f} to {float(ci[1]):+.3f})"
+    decision = primary.get("decision")
+    return text + (f"; {decision}" if isinstance(decision, str) and decision else "") + "."
 
 
 def reference_scores() -> dict[str, Any]:
@@ -263,9 +286,10 @@ def comparison_section(run_root: Path, reference: Reference | None = None) -> st
                         "<td class='num'>–</td><td class='num'>1 run</td></tr>"))  # fmt: skip
     rows.sort(key=lambda r: -r[0])
     head = "<tr><th>method</th><th>mean test CIDEr</th><th>95 % interval</th><th>seeds</th></tr>"
-    finding = f" {_esc(ref.finding)}" if ref.finding else ""
+    finding = "".join(f" {_esc(s)}" for s in (ref.difference, ref.finding) if s)
     link = doc_link(ref.doc or "docs/sandbox.md")
-    note = f"<p class='meta'>{_esc(ref.note)}</p>" if ref.note else ""
+    measured = "; ".join(s for s in (ref.note, f"world {ref.world}" if ref.world else "") if s)
+    note = f"<p class='meta'>{_esc(measured)}</p>" if measured else ""
     return (
         "<div id='comparison'><h2>This run beside the documented comparison</h2>"
         f"<p>{_esc(placement(score, ref.figures))}{finding} More: {link}.</p>"

@@ -316,10 +316,13 @@ def reason_in_words(status: str, examples: list[str]) -> str:
         return f"{few} captions chosen ({span}) where the prompt asks for {lo}–{hi}"
     if not examples or not examples[0]:
         return {"failed": "the request failed", "parse_error": "the answer could not be read"}.get(status, "no reason recorded")
-    return f"{error_reason(examples[0]).replace('#', 'N')} (e.g. {examples[0][:120]})"
+    alike = f" (and {len(examples) - 1} alike)" if len(examples) > 1 else ""
+    return f"{examples[0][:160]}{alike}"
 
 
-def answers_section(selections: list[dict[str, Any]]) -> str:
+def failures_section(run: RunDir, selections: list[dict[str, Any]] | None = None) -> str:
+    """The LLM's answers per status, and why those not ok were not, in words."""
+    selections = _read(run.selections) if selections is None else selections
     if not selections:
         return ""
     by_status = Counter(s["status"] for s in selections)
@@ -430,7 +433,7 @@ def data_section(run: RunDir, manifest: dict[str, Any], cfg: ReportConfig) -> st
         "<p class='meta'>Captions → candidate sets of nearest neighbours → the LLM's selection and summary → "
         "one image per summary → (image, chosen caption) pairs.</p>"
         + pipeline_section(manifest, sample_note(manifest))
-        + answers_section(selections)
+        + failures_section(run, selections)
         + groups_section(run, cfg.sample_groups, selections)
         + "</section>"
     )
