@@ -17,8 +17,8 @@ from icsd.llm.prompts import PromptSettings, answer_schema, load_template
 from icsd.sandbox.draw import BACKGROUND_RGB, RGB
 from icsd.sandbox.lexicon import Description, Mention, conflicts, describe, parse
 from icsd.sandbox.make import WORLDS, ensure_world, resolve_path, write_world
-from icsd.sandbox.renderer import SandboxCamera, SandboxRenderer, parse_model
-from icsd.sandbox.selector import answer, candidates_in
+from icsd.sandbox.renderer import SandboxCamera, SandboxRenderer, SceneRenderer, parse_model
+from icsd.sandbox.selector import answer, candidates_in, topic
 from icsd.sandbox.world import agrees, random_scene, realise, scene_captions, scene_description
 
 
@@ -92,6 +92,17 @@ def test_renderer_pixels_show_the_named_colour_and_background() -> None:
     assert red.mean() > 0.3
 
 
+def test_renderer_capacity_draws_the_first_kinds_a_prompt_names() -> None:
+    five = "a red ball, a blue car, a green tree, a yellow kite and a white cup on the sand"
+    for capacity, kinds in ((3, ["ball", "car", "tree"]), (5, ["ball", "car", "tree", "kite", "cup"])):
+        scene = SceneRenderer(parse_model(f"world:capacity={capacity}")).scene_for(five, 3)
+        assert [o.kind for o in scene.objects] == kinds
+    assert parse_model("world").capacity == 3
+    for bad in ("world:capacity=0", "world:capacity=6", "world:capacity=2.5"):
+        with pytest.raises(UserError, match="capacity"):
+            parse_model(bad)
+
+
 def test_renderer_options_and_errors() -> None:
     assert parse_model("world:extra=0.5,noise=3").extra == 0.5
     from icsd.errors import UserError
@@ -137,7 +148,9 @@ def test_selector_never_keeps_two_contradicting_captions(scenes: list) -> None:
             assert conflicts(a, b) == []
         if parsed.status == "ok":
             ok += 1
-            assert 5 <= len(parsed.indices) <= 10 and parsed.indices[0] == 1
+            assert 5 <= len(parsed.indices) <= 10
+            subject = topic([parse(c) for c in cands])
+            assert all(subject in d.objects for d in chosen)  # captions of one image share its subject
             assert len(parsed.summary.split()) <= 50
             merged = parse(parsed.summary)
             assert all(conflicts(merged, d) == [] for d in chosen)
@@ -152,10 +165,19 @@ def test_selector_reads_the_official_prompt_and_first_n_mode() -> None:
     official = load_template(PromptSettings(min_select=2), "official")
     assert candidates_in(official.render(cands)) == cands
     text = answer(official.render(cands), answer_schema(PromptSettings(min_select=2), 5))
-    assert json.loads(text)["index"] == [1, 3, 4, 5]
+    assert json.loads(text)["index"] == [1, 3, 4]  # the balls that agree; not the blue one, not the tree
     first_n = PromptSettings(mode="first-n")
     out = parse_answer(answer(load_template(first_n).render(cands), answer_schema(first_n, 5)), first_n, 5)
     assert out.status == "ok" and "red ball" in (out.summary or "")
+
+
+def test_selector_topic_is_what_most_candidates_name_not_the_head() -> None:
+    cands = ["a green tree in a park", "a kite on a lawn", "two red kites", "a kite and a tree", "a yellow kite"]
+    assert topic([parse(c) for c in cands]) == "kite"
+    text = answer(load_template(PromptSettings(min_select=2), "official").render(cands),
+                  answer_schema(PromptSettings(min_select=2), 5))  # fmt: skip
+    assert json.loads(text)["index"] == [2, 4, 5]  # "two red kites" says two where "a kite" says one
+    assert topic([parse("a lawn")]) is None
 
 
 def test_conflict_rules() -> None:
@@ -350,28 +372,30 @@ def test_kind_probe_benchmark_runs(capsys: pytest.CaptureFixture[str], monkeypat
     assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
 
 
-def test_packaged_encoder_finds_kinds_colours_and_backgrounds_in_camera_pictures() -> None:
+def test_packaged_encoder_binds_colour_size_and_cell_to_each_object_in_camera_pictures() -> None:
     """The shipped encoder (with its pretraining label head) on camera pictures of scenes it never saw:
-    well above a random ranking on every label group."""
+    which kinds are there, and for each, its own colour, size and cell, well above chance."""
     from dataclasses import asdict
 
     from icsd.sandbox.draw import CAMERA
     from icsd.sandbox.pretrain import (
         PACKAGED,
         PretrainSettings,
-        chance_recall,
+        chance_scores,
         label_scores,
         labelled_images,
         load_encoder,
-        recall_at_truth,
+        probe_scores,
     )
 
     encoder = load_encoder("world")
     pixels, labels = labelled_images(150, 31337, CAMERA, 64)
-    found = recall_at_truth(label_scores(PACKAGED, encoder, pixels), labels)
-    chance = chance_recall(labels)
-    assert found["kinds"] > 0.7 > 3 * chance["kinds"]
-    assert found["colours"] > 0.9 and found["backgrounds"] > 0.9
+    found = probe_scores(label_scores(PACKAGED, encoder, pixels), labels)
+    chance = chance_scores(labels)
+    assert found["kinds"] > 0.8 > 3 * chance["kinds"]
+    assert found["colour"] > 0.8 > 5 * chance["colour"]  # the colour of *that* object, not any colour shown
+    assert found["size"] > 0.65 > 1.5 * chance["size"] and found["position"] > 0.8 > 3 * chance["position"]
+    assert found["background"] > 0.9
     record = json.loads((PACKAGED / "pretraining.json").read_text())
     assert record["settings"] == asdict(PretrainSettings())  # the packaged encoder is the command's defaults
 
@@ -493,5 +517,5 @@ def test_close_up_draws_short_prompts_larger_and_a_lone_object_in_the_middle() -
     assert len(close) > 2.5 * len(plain)
     assert plain[:, 1].mean() < 22 and 26 < close[:, 1].mean() < 38  # the left cell, then the middle
     five = "a red ball, a blue car, a green tree, a yellow kite and a white cup on the sand"
-    assert np.array_equal(picture("world", five), picture("world:close_up=1", five))
+    assert np.array_equal(picture("world:capacity=5", five), picture("world:capacity=5,close_up=1", five))
     assert not np.array_equal(picture("world", five), picture("world:close_up=1,jitter=0.2", five))

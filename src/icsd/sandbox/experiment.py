@@ -34,6 +34,15 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: flo
     }
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> list[float]:
+    """The Student-t interval of the mean of ``values`` at ``level``."""
+    from scipy import stats
+
+    mean, sd = statistics.mean(values), statistics.stdev(values)
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    return [round(mean - half, 4), round(mean + half, 4)]
+
+
 def decide(diff: Mapping[str, Any], first: str = "ICSD", second: str = "uni-context") -> str:
     """The protocol's rule: ``first`` wins when the whole interval is above 0, loses when it is
     below, and otherwise the comparison shows no difference."""
