@@ -320,7 +320,7 @@ def publish(
     }  # fmt: skip
     doc: dict[str, Any] = {
         "finding": finding(primary),
-        "doc": "docs/sandbox.md#results",
+        "doc": "docs/sandbox.md#the-pre-registered-comparison",
         "note": f"test CIDEr over seeds {seeds} on world {WORLD}'s 200 test images "
         "(benchmarks/sandbox_compare.py --publish; docs/sandbox-protocol.md)",
         "world": WORLD,

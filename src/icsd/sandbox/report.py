@@ -7,7 +7,7 @@ The comparison is data, read from :data:`REFERENCE_FILE` (written by
 
     {
       "finding": "One sentence: what the comparison shows (optional).",
-      "doc": "docs/sandbox.md#results",           (optional; a URL or a path in the repository)
+      "doc": "docs/sandbox.md#the-pre-registered-comparison",           (optional; a URL or a path in the repository)
       "note": "how the figures were made",          (optional)
       "methods": {
         "<name>": {
