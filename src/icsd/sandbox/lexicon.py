@@ -111,13 +111,6 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
 }
 # kinds that something else can stand on
 SUPPORTS: frozenset[str] = frozenset({"box", "chair", "car", "house", "boat"})
-INVERSE = {
-    "above": "below",
-    "below": "above",
-    "left of": "right of",
-    "right of": "left of",
-    "next to": "next to",
-}
 
 
 def relation_holds(rel: str, a: tuple[int, int], b: tuple[int, int], b_kind: str) -> bool:
