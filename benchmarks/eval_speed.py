@@ -143,17 +143,17 @@ def run_reference(ref_file: Path, pred_file: Path) -> tuple[dict[str, float], di
 
 
 def run_ours(ref_file: Path, pred_file: Path) -> tuple[dict[str, float], dict[str, float]]:
-    from icsd import metrics
+    from icsd import jvm
     from icsd.config import EvaluateConfig
     from icsd.stages.evaluate import evaluate
 
-    metrics.close_shared_meteor()  # every round pays its own METEOR JVM start-up
+    jvm.close_shared_meteor()  # every round pays its own METEOR JVM start-up
     cfg = EvaluateConfig(annotations=str(ref_file), predictions=str(pred_file), metrics=METRICS)
     cpu = cpu_seconds()
     start = time.perf_counter()
     outcome = evaluate(cfg)
     total = time.perf_counter() - start
-    metrics.close_shared_meteor()
+    jvm.close_shared_meteor()
     steps = dict(outcome.evaluation.seconds)
     steps["cpu"] = cpu_seconds() - cpu
     steps["score_captions"] = steps.pop("total")

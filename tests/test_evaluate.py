@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from icsd import metrics
+from icsd import jvm
 from icsd.cli import app
 from icsd.config import EvaluateConfig
 from icsd.errors import UserError
@@ -461,7 +461,7 @@ def test_model_path_captions_and_scores(tmp_path: Path, coco_captions: Path, coc
 
 def test_meteor_jvm_is_reused_between_evaluations() -> None:
     first = score_captions({"1": ["a dog runs"]}, {"1": "a dog"}, metrics="METEOR")
-    jvm = metrics._shared
+    meteor = jvm._shared
     second = score_captions({"1": ["a dog runs"]}, {"1": "a dog"}, metrics="METEOR")
-    assert metrics._shared is jvm and jvm is not None and jvm.alive
+    assert jvm._shared is meteor and meteor is not None and meteor.alive
     assert first.overall.scores == second.overall.scores

@@ -13,17 +13,10 @@ from typing import Any
 
 import pytest
 
-from icsd import metrics
+from icsd import jvm
 from icsd.errors import UserError
-from icsd.metrics import (
-    match_inputs,
-    parse_java_version,
-    parse_metrics,
-    ptb_tokenize,
-    ptb_tokenize_sentences,
-    score_captions,
-    spice_mean,
-)
+from icsd.jvm import parse_java_version, ptb_tokenize, ptb_tokenize_sentences
+from icsd.metrics import match_inputs, parse_metrics, score_captions, spice_mean
 
 SUBSET = 400
 FAST = "BLEU,ROUGE_L,CIDEr"
@@ -161,7 +154,7 @@ def test_tokenizer_writes_nothing_into_site_packages(tmp_path: Path, monkeypatch
         made.append(Path(name))
         return fd, name
 
-    monkeypatch.setattr(metrics.tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(jvm.tempfile, "mkstemp", recording_mkstemp)
     assert ptb_tokenize_sentences(["a caption."]) == ["a caption"]
     assert made and all(p.parent == cache / "eval-tmp" for p in made)
     assert not any(pkg in p.parents for p in made)
@@ -171,9 +164,9 @@ def test_tokenizer_writes_nothing_into_site_packages(tmp_path: Path, monkeypatch
 def test_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ICSD_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert metrics.cache_dir() == tmp_path / "xdg" / "icsd"
+    assert jvm.cache_dir() == tmp_path / "xdg" / "icsd"
     monkeypatch.setenv("ICSD_CACHE_DIR", str(tmp_path / "mine"))
-    assert metrics.cache_dir() == tmp_path / "mine"
+    assert jvm.cache_dir() == tmp_path / "mine"
 
 
 # ----------------------------------------------------------------------------- hand-checked cases
@@ -299,7 +292,7 @@ def _fake_java(folder: Path, banner: str, code: int = 0) -> Path:
 
 
 def test_java_missing_or_too_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    metrics._probe_java.cache_clear()
+    jvm._probe_java.cache_clear()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(UserError, match="Java not found on PATH"):
         score_captions({"1": ["a dog"]}, {"1": "a dog"}, metrics="BLEU")
@@ -311,13 +304,13 @@ def test_java_missing_or_too_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PATH", str(tmp_path / "broken"))
     with pytest.raises(UserError, match="does not run"):
         score_captions({"1": ["a dog"]}, {"1": "a dog"}, metrics="BLEU")
-    metrics._probe_java.cache_clear()
+    jvm._probe_java.cache_clear()
 
 
 def test_meteor_jvm_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A JVM that cannot start METEOR (here: a heap it cannot reserve) ends in a clear error,
     not a BrokenPipeError, and the next evaluation starts a fresh JVM."""
-    real_java = metrics.find_java()
+    real_java = jvm.find_java()
     wrapper = tmp_path / "bin" / "java"
     wrapper.parent.mkdir()
     wrapper.write_text(
@@ -326,23 +319,23 @@ def test_meteor_jvm_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
         f'exec {real_java.path} "$@"\n'
     )
     wrapper.chmod(0o755)
-    metrics.close_shared_meteor()
-    metrics._probe_java.cache_clear()
+    jvm.close_shared_meteor()
+    jvm._probe_java.cache_clear()
     monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     try:
         with pytest.raises(
             UserError, match="METEOR \\(Java\\) stopped: Error: Could not reserve enough space"
         ):
             score_captions({"1": ["a dog"]}, {"1": "a dog"}, metrics="METEOR")
-        assert metrics._shared is None
+        assert jvm._shared is None
     finally:
-        metrics._probe_java.cache_clear()
-        metrics.close_shared_meteor()
+        jvm._probe_java.cache_clear()
+        jvm.close_shared_meteor()
 
 
 def test_spice_missing_is_a_note_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ICSD_SPICE_JARS", raising=False)
-    monkeypatch.setattr(metrics, "_corenlp_folder", lambda folder: None)
+    monkeypatch.setattr(jvm, "_corenlp_folder", lambda folder: None)
     ev = score_captions({"1": ["a dog"]}, {"1": "a dog"}, metrics="BLEU,SPICE")
     assert ev.metrics == ("BLEU",)
     assert "SPICE" not in ev.overall.scores
@@ -355,23 +348,23 @@ def test_spice_missing_is_a_note_not_an_error(monkeypatch: pytest.MonkeyPatch, t
 
 def test_spice_jars_configured_but_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="SPICE jars not found in .*stanford-corenlp-3.6.0.jar"):
-        metrics.find_spice_jars(tmp_path)
+        jvm.find_spice_jars(tmp_path)
     monkeypatch.setenv("ICSD_SPICE_JARS", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="SPICE jars not found"):
-        metrics.find_spice_jars(None)
+        jvm.find_spice_jars(None)
 
 
 def test_spice_jars_found_in_unzipped_folder(tmp_path: Path) -> None:
     inner = tmp_path / "stanford-corenlp-full-2015-12-09"
     inner.mkdir()
-    for name in metrics.CORENLP_JARS:
+    for name in jvm.CORENLP_JARS:
         (inner / name).write_bytes(b"")
-    assert metrics.find_spice_jars(tmp_path) == inner
+    assert jvm.find_spice_jars(tmp_path) == inner
 
 
 def test_spice_command_keeps_files_in_cache(tmp_path: Path) -> None:
-    java = metrics.Java(path="/usr/bin/java", version=17, banner="")
-    cmd = metrics.spice_command(java, tmp_path / "jars", tmp_path / "in.json", tmp_path / "out.json",
+    java = jvm.Java(path="/usr/bin/java", version=17, banner="")
+    cmd = jvm.spice_command(java, tmp_path / "jars", tmp_path / "in.json", tmp_path / "out.json",
                                 tmp_path / "cache", tmp_path / "tmp")  # fmt: skip
     assert cmd[0] == "/usr/bin/java" and "edu.anu.spice.SpiceScorer" in cmd
     assert cmd[cmd.index("-cache") + 1] == str(tmp_path / "cache")
@@ -379,14 +372,14 @@ def test_spice_command_keeps_files_in_cache(tmp_path: Path) -> None:
     assert any(a.startswith("--add-opens=java.base/java.lang") for a in cmd)
     classpath = cmd[cmd.index("-cp") + 1].split(os.pathsep)
     assert classpath[0].endswith("spice-1.0.jar")
-    assert classpath[1:] == [str(tmp_path / "jars" / j) for j in metrics.CORENLP_JARS]
-    old = metrics.spice_command(metrics.Java("/j", 8, ""), tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
+    assert classpath[1:] == [str(tmp_path / "jars" / j) for j in jvm.CORENLP_JARS]
+    old = jvm.spice_command(jvm.Java("/j", 8, ""), tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
     assert not any(a.startswith("--add-opens") for a in old)
 
 
 def test_spice_with_broken_jars_fails_clearly(tmp_path: Path) -> None:
     """Jars that are not CoreNLP: SPICE's JVM fails, and the error says so in one line."""
-    for name in metrics.CORENLP_JARS:
+    for name in jvm.CORENLP_JARS:
         (tmp_path / name).write_bytes(b"not a jar")
     with pytest.raises(UserError, match=r"SPICE \(Java\) failed with exit code"):
         score_captions({"1": ["a dog"]}, {"1": "a dog"}, metrics="SPICE", spice_jars=tmp_path)

@@ -1,5 +1,8 @@
 """Errors a user can fix. The CLI prints them as one line and exits with code 2."""
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input, a missing file, an impossible setting: something the user must change."""
@@ -27,3 +30,9 @@ def write_failure_reason(exc: BaseException | None) -> str | None:
             return f"SQLite: {exc}"
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def examples_text(items: Iterable[Any], n: int = 3) -> str:
+    """The first ``n`` of ``items`` as reprs for an error message, with ``...`` when there are more."""
+    shown = list(items)
+    return ", ".join(repr(x) for x in shown[:n]) + (", ..." if len(shown) > n else "")

@@ -21,17 +21,16 @@ from ..errors import UserError
 from ..eval_sets import count_note, load_references
 from ..formats import References, load_predictions, predictions_json
 from ..images import to_rgb
+from ..jvm import SPICE_SKIPPED, shared_meteor
 from ..metrics import (
     ALL_METRICS,
     SCALE_LABEL,
     SCORE_KEYS,
-    SPICE_SKIPPED,
     CaptionScores,
     Evaluation,
     format_score,
     parse_metrics,
     score_captions,
-    shared_meteor,
 )
 from ..store import RunDir, atomic_write_json, package_versions, sha256_file
 from ._base import StageResult, StageSpec, Timer, finish_stage

@@ -140,7 +140,7 @@ def simple_tokens(text: str) -> str:
 
 def ptb_tokenized(predictions: list[str], references: list[list[str]]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """(references, predictions) through pycocoevalcap's PTB tokenizer, as COCOEvalCap scores them."""
-    from ..metrics import ptb_tokenize
+    from ..jvm import ptb_tokenize
 
     gts = ptb_tokenize(dict(enumerate(references)))
     res = ptb_tokenize({i: [p] for i, p in enumerate(predictions)})
