@@ -279,7 +279,7 @@ def tiny_captioner(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_caption_skips_broken_images_and_reads_unusual_ones(
     tiny_captioner: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from icsd.caption import open_image
+    from icsd.images import open_image
 
     expected = odd_images(tmp_path / "imgs")
     out = tmp_path / "caps.jsonl"

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from .console import progress_bar
 from .errors import UserError
 from .formats import image_id_from_file
-from .images import to_rgb
+from .images import open_image
 from .store import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -150,12 +150,6 @@ def check_model(model: str, missing_images: list[tuple[str, str]]) -> None:
     except UserError as exc:
         also = "; ".join(f"{name} ({reason})" for name, reason in missing_images)
         raise UserError(f"{exc}" + (f"; images not found either: {also}" if also else "")) from None
-
-
-def open_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
 
 
 def coco_image_id(path: Path) -> int | str:

@@ -106,20 +106,25 @@ def read_json_file(path: str | Path, what: str) -> Any:
 
 
 def detect_format(data: Any, path: Path) -> Format:
-    """karpathy (images with sentences), nocaps (COCO-style with image domains), coco, or jsonl
-    (a JSON list of ``{"image", "captions"}`` records)."""
+    """The format of a caption file's parsed JSON, one rule for every reader (ingest, evaluation,
+    selection): a list is ``jsonl`` records (``{"image", "captions"}``); an object whose first image
+    has ``sentences`` is ``karpathy``; an object with an ``annotations`` list is ``nocaps`` when its
+    images carry a ``domain``, else ``coco`` (the images list is optional: a captions-only COCO file
+    is a corpus, though not a reference set). Anything else is a one-line error."""
     if isinstance(data, list):
         return "jsonl"
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("images", []), list) or not data.keys() & {"images", "annotations"}:
         raise UserError(
-            f"{path} is not a caption annotation file: expected a JSON object with 'images' "
-            "(Karpathy split, NoCaps or COCO captions format)"
+            f"{path} is not a caption annotation file: its JSON is neither COCO or NoCaps captions "
+            "(annotations[].caption) nor a Karpathy split (images[].sentences[].raw)"
         )
-    images = data["images"]
+    images = data.get("images", [])
     if images and isinstance(images[0], dict) and "sentences" in images[0]:
         return "karpathy"
-    if "annotations" not in data:
-        raise UserError(f"{path} has 'images' but neither 'sentences' (Karpathy) nor 'annotations' (COCO)")
+    if not isinstance(data.get("annotations"), list):
+        raise UserError(
+            f"{path} has neither 'sentences' in its images (Karpathy) nor an 'annotations' list (COCO)"
+        )
     if any(isinstance(im, dict) and "domain" in im for im in images[:50]):
         return "nocaps"
     return "coco"
@@ -263,6 +268,8 @@ def _coco_images(p: Path, data: dict[str, Any], what: str) -> list[RefImage]:
         if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
             raise UserError(f"{p}: annotations[{n}] needs 'image_id' and 'caption'")
         by_image.setdefault(id_string(a["image_id"], str(p)), []).append(str(a["caption"]))
+    if not isinstance(data.get("images"), list):
+        raise UserError(f"{p}: no 'images' list: a COCO {what} file lists its images")
     images: list[RefImage] = []
     seen: set[str] = set()
     for n, im in enumerate(data["images"]):

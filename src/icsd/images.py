@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -22,3 +24,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
             floats = floats * 255.0
         image = Image.fromarray(np.clip(floats, 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image file at ``path``, fully read (the file is closed again) and in 8-bit RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)

@@ -20,7 +20,7 @@ from ..data.cards import write_model_cards
 from ..errors import UserError
 from ..eval_sets import count_note, load_references
 from ..formats import References, load_predictions, predictions_json
-from ..images import to_rgb
+from ..images import open_image
 from ..jvm import SPICE_SKIPPED, shared_meteor
 from ..metrics import (
     ALL_METRICS,
@@ -115,14 +115,6 @@ def resolve_images(refs: References, images: Path, limit: int | None) -> list[tu
             f"{len(missing)} of {len(paths)} images of {refs.name} are not under {images} (e.g. {missing[0]})"
         )
     return paths
-
-
-def open_image(path: Path) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
 
 
 def caption_images(cfg: EvaluateConfig, refs: References) -> tuple[dict[str, str], list[tuple[str, str]]]:

@@ -27,6 +27,7 @@ from ..formats import (
     FLICKR_TOKEN_LINE,
     CaptionEntry,
     coco_caption_entries,
+    detect_format,
     flickr_caption_entries,
     karpathy_caption_entries,
     read_json_file,
@@ -74,8 +75,9 @@ def _load_json(path: Path) -> Any:
     return read_json_file(path, "corpus")
 
 
-def detect_format(path: Path) -> str:
-    """Guess the corpus format from the extension and, for JSON and text, the content."""
+def corpus_format(path: Path) -> str:
+    """Guess the corpus format from the extension and, for text, the content; JSON files by
+    :func:`icsd.formats.detect_format` (NoCaps captions read as COCO)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "parquet"
@@ -84,8 +86,10 @@ def detect_format(path: Path) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
-        data = _load_json(path)
-        return _json_kind(data, path)
+        kind = detect_format(_load_json(path), path)
+        if kind == "jsonl":
+            raise UserError(f"{path}: a JSON list is not a caption corpus; write it as JSON lines (.jsonl) or pass --format")
+        return "coco" if kind == "nocaps" else kind
     with open(path, "rb") as fh:
         head = fh.read(65536).decode("utf-8", errors="replace")
     first = next((ln for ln in head.splitlines() if ln.strip()), "")
@@ -94,22 +98,6 @@ def detect_format(path: Path) -> str:
     if first.lstrip().startswith("{"):
         return "jsonl"
     return "txt"
-
-
-def _json_kind(data: Any, path: Path) -> str:
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        return "coco"
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
-        imgs = data["images"]
-        if not imgs or isinstance(imgs[0], dict) and "sentences" in imgs[0]:
-            return "karpathy"
-    raise UserError(
-        f"{path}: JSON is neither COCO caption annotations (annotations[].caption) nor a Karpathy split "
-        "(images[].sentences[].raw); pass --format"
-    )
-
-
-# ----------------------------------------------------------------------------- readers
 
 
 def _entries(entries: Iterator[CaptionEntry]) -> Iterator[RawCaption]:
@@ -230,7 +218,7 @@ def read_corpus(path: Path, cfg: IngestConfig) -> tuple[list[Caption], Counter[s
         raise UserError(f"corpus not found: {path}")
     if path.is_dir():
         raise UserError(f"corpus is a folder, not a file: {path}")
-    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    fmt = corpus_format(path) if cfg.format == "auto" else cfg.format
     dropped: Counter[str] = Counter()
     seen: set[str] = set()
     kept: list[Caption] = []
