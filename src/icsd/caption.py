@@ -169,17 +169,18 @@ def caption_files(
     model: str,
     inputs: list[str],
     *,
-    beams: int = 3,
-    min_new_tokens: int = 5,
-    max_new_tokens: int = 30,
-    batch_size: int = 32,
-    device: str = "auto",
+    beams: int,
+    min_new_tokens: int,
+    max_new_tokens: int,
+    batch_size: int,
+    device: str,
     fmt: OutputFormat = "jsonl",
     out: Path | None = None,
     stdout: IO[str] | None = None,
     report: Callable[[str], None] | None = None,
 ) -> CaptionRun:
-    """Caption every readable image among ``inputs``; write the results to ``out`` or stdout."""
+    """Caption every readable image among ``inputs``; write the results to ``out`` or stdout.
+    The decoding settings are ``icsd evaluate --model``'s (:class:`icsd.config.EvaluateConfig`)."""
     from .backends.captioners import load_captioner
 
     start = time.perf_counter()

@@ -303,38 +303,77 @@ def add_stage_commands(target: typer.Typer) -> None:
 
 
 
-@commands.command(
-    epilog="Examples:\n\n"
-    "  icsd caption --model runs/coco/train/best photo.jpg\n\n"
-    "  icsd caption --model runs/coco/train/best 'photos/*.jpg' --out captions.jsonl\n\n"
-    "  icsd caption --model runs/coco/train/best coco/val2014 --format coco --out predictions.json"
-)
-def caption(
-    images: Annotated[list[str], typer.Argument(help="Image files, globs or folders.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder (e.g. RUN/train/best).")],
-    beams: Annotated[int, typer.Option(help="Beam width.")] = 3,
-    min_new_tokens: Annotated[int, typer.Option(help="Shortest caption in tokens.")] = 5,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest caption in tokens.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | coco (results format)")] = "jsonl",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: stdout).")] = None,
-) -> None:
-    """Caption images with a trained checkpoint; unreadable files are reported and skipped."""
-    from .caption import caption_files
+CAPTION_SETTINGS = ("beams", "min_new_tokens", "max_new_tokens", "batch_size", "device")
+"""The decoding settings ``icsd caption`` takes: :class:`icsd.config.EvaluateConfig`'s fields, so
+its flags, defaults, help and checks are those of ``icsd evaluate --model``."""
 
-    result = caption_files(
-        model,
-        images,
-        beams=beams,
-        min_new_tokens=min_new_tokens,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        device=device,
-        fmt=format,  # type: ignore[arg-type]
-        out=out,
-    )
-    typer.echo(result.summary(), err=out is None)
+
+def add_caption_command(target: typer.Typer) -> None:
+    """Register ``icsd caption``: images and checkpoint by hand, decoding options from ``EvaluateConfig``."""
+    from pydantic import ValidationError
+
+    from .config import EvaluateConfig, format_validation_error
+
+    fields = EvaluateConfig.model_fields
+    params = [
+        inspect.Parameter(
+            "images",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[list[str], typer.Argument(help="Image files, globs or folders.")],
+        ),
+        inspect.Parameter(
+            "model",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[
+                str, typer.Option("--model", "-m", help="Checkpoint folder (e.g. RUN/train/best).")
+            ],
+        ),
+        *(field_parameter(name, fields[name]) for name in CAPTION_SETTINGS),
+        inspect.Parameter(
+            "format",
+            inspect.Parameter.KEYWORD_ONLY,
+            default="jsonl",
+            annotation=Annotated[str, typer.Option("--format", "-f", help="jsonl | coco (results format)")],
+        ),
+        inspect.Parameter(
+            "out",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None, typer.Option("--out", "-o", help="Output file (default: stdout).")
+            ],
+        ),
+    ]
+
+    def caption(**kw: Any) -> None:
+        from .caption import caption_files
+
+        given = {name: kw[name] for name in CAPTION_SETTINGS if kw[name] is not None}
+        try:
+            settings = EvaluateConfig.model_validate(given)
+        except ValidationError as exc:
+            raise UserError(format_validation_error(exc)) from None
+        result = caption_files(
+            kw["model"],
+            kw["images"],
+            **{name: getattr(settings, name) for name in CAPTION_SETTINGS},
+            fmt=kw["format"],
+            out=kw["out"],
+        )
+        typer.echo(result.summary(), err=kw["out"] is None)
+
+    caption.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    caption.__doc__ = "Caption images with a trained checkpoint; unreadable files are reported and skipped."
+    target.command(
+        "caption",
+        epilog="Examples:\n\n"
+        "  icsd caption --model runs/coco/train/best photo.jpg\n\n"
+        "  icsd caption --model runs/coco/train/best 'photos/*.jpg' --out captions.jsonl\n\n"
+        "  icsd caption --model runs/coco/train/best coco/val2014 --format coco --out predictions.json",
+    )(caption)
+
+
+add_caption_command(commands)
 
 
 # ----------------------------------------------------------------------------- whole chain
