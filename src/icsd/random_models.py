@@ -4,7 +4,7 @@ from the configuration objects of transformers and diffusers and written as ordi
 
 Every known id maps to an :class:`Architecture`: its family and the config of each component, as
 published with the checkpoint (CLIP ViT-B/16, ViT-B/32 and ViT-L/14, BERT-base, Stable Diffusion
-v1.x). ``scale="tiny"`` keeps every class, layer type, patch size and vocabulary and shrinks widths
+v1.x); both are tables of the package data file ``tables/random_models.json``. ``scale="tiny"`` keeps every class, layer type, patch size and vocabulary and shrinks widths
 and depths: the same code path at test speed.
 
 Each built folder is checked once: the outputs of the model in memory on a fixed input equal the
@@ -13,6 +13,7 @@ outputs of the folder loaded back with plain transformers / diffusers (:func:`bu
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
@@ -20,6 +21,8 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,60 +32,27 @@ Scale = Literal["paper", "tiny"]
 
 # ----------------------------------------------------------------------------- published configs
 
-CLIP_TEXT: dict[str, dict[str, Any]] = {
-    # the text towers of openai/clip-vit-base-patch16 and -patch32 are the same
-    "base": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
-             "projection_dim": 512},
-    "large": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "projection_dim": 768},
-}  # fmt: skip
-CLIP_TEXT_COMMON: dict[str, Any] = {
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 1,
-}
-CLIP_VISION: dict[str, dict[str, Any]] = {
-    "B/16": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "patch_size": 16, "image_size": 224, "projection_dim": 512},
-    "B/32": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "patch_size": 32, "image_size": 224, "projection_dim": 512},
-    "L/14": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-             "patch_size": 14, "image_size": 224, "projection_dim": 768},
-}  # fmt: skip
-BERT_BASE: dict[str, Any] = {
-    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2,
-}  # fmt: skip
-# Stable Diffusion v1.x (CompVis/stable-diffusion-v1-4, its unet/ vae/ config.json)
-SD1_UNET: dict[str, Any] = {
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}  # fmt: skip
-SD1_VAE: dict[str, Any] = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
-}  # fmt: skip
-SD1_SCHEDULER: dict[str, Any] = {  # the PNDM scheduler SD v1.x ships with; render.scheduler swaps it
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-}  # fmt: skip
+TABLES = "tables/random_models.json"
+"""The package data file of the known hub ids (``known``) and the published configs of their
+components (``clip_text``, ``clip_vision``, ``bert_base``, ``sd1_unet``, ``sd1_vae``,
+``sd1_scheduler``, ...), read on first use."""
 
-TINY_BLOCK = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+@lru_cache(maxsize=1)
+def _tables() -> dict[str, Any]:
+    return json.loads(resources.files("icsd").joinpath(TABLES).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def table(name: str) -> Any:
+    """A fresh copy of one table of :data:`TABLES` (callers may change it; the next call is untouched)."""
+    return copy.deepcopy(_tables()[name])
 
 
 def shrink(config: dict[str, Any], scale: Scale) -> dict[str, Any]:
     """A transformer config at ``scale``: tiny keeps vocabularies, patch and image sizes."""
     if scale == "paper":
         return dict(config)
-    out = {**config, **TINY_BLOCK}
+    out = {**config, **table("tiny_block")}
     if "projection_dim" in out:
         out["projection_dim"] = 16
     return out
@@ -100,23 +70,14 @@ class Architecture:
     title: str
 
 
-KNOWN: dict[str, Architecture] = {
-    "openai/clip-vit-base-patch16": Architecture("clip", "B/16", "CLIP ViT-B/16"),
-    "openai/clip-vit-base-patch32": Architecture("clip", "B/32", "CLIP ViT-B/32"),
-    "openai/clip-vit-large-patch14": Architecture("clip", "L/14", "CLIP ViT-L/14"),
-    "bert-base-uncased": Architecture("bert", "base-uncased", "BERT-base (uncased)"),
-    "google-bert/bert-base-uncased": Architecture("bert", "base-uncased", "BERT-base (uncased)"),
-    **{
-        f"CompVis/stable-diffusion-v1-{v}": Architecture("sd1", f"v1-{v}", f"Stable Diffusion v1.{v}")
-        for v in (1, 2, 3, 4)
-    },
-    "runwayml/stable-diffusion-v1-5": Architecture("sd1", "v1-5", "Stable Diffusion v1.5"),
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": Architecture("sd1", "v1-5", "Stable Diffusion v1.5"),
-}
+def known() -> dict[str, Architecture]:
+    """Every hub id a rehearsal can build, with its architecture (the ``known`` table of :data:`TABLES`)."""
+    return {model_id: Architecture(**arch) for model_id, arch in table("known").items()}
 
 
 def architecture_of(model_id: str) -> Architecture | None:
-    return KNOWN.get(model_id)
+    arch = table("known").get(model_id)
+    return Architecture(**arch) if arch is not None else None
 
 
 # ----------------------------------------------------------------------------- builders
@@ -194,7 +155,7 @@ def build_clip_text(model_id: str, arch: Architecture, folder: Path, scale: Scal
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     size = "large" if arch.variant == "L/14" else "base"
-    config = CLIPTextConfig(**CLIP_TEXT_COMMON, **shrink(CLIP_TEXT[size], scale))
+    config = CLIPTextConfig(**table("clip_text_common"), **shrink(table("clip_text")[size], scale))
     torch.manual_seed(0)
     model = CLIPTextModelWithProjection(config).eval()
     tok = clip_tokenizer(folder)
@@ -223,7 +184,7 @@ def build_clip_vision(model_id: str, arch: Architecture, folder: Path, scale: Sc
 
     from .backends.captioners import clip_image_processor
 
-    vision = shrink(CLIP_VISION[arch.variant], scale)
+    vision = shrink(table("clip_vision")[arch.variant], scale)
     config = CLIPVisionConfig(**vision, hidden_act="quick_gelu")
     torch.manual_seed(0)
     model = CLIPVisionModel(config).eval()
@@ -251,7 +212,7 @@ def build_bert(model_id: str, arch: Architecture, folder: Path, scale: Scale) ->
     import torch
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    config = BertConfig(**shrink(BERT_BASE, scale))
+    config = BertConfig(**shrink(table("bert_base"), scale))
     torch.manual_seed(0)
     model = BertForMaskedLM(config).eval()
     tok = bert_tokenizer()
@@ -287,22 +248,22 @@ def sd1_components(folder: Path, scale: Scale) -> dict[str, Any]:
         tmp = write_clip_tokenizer_files(folder / "_bpe")
         parts = tiny_pipeline_components(tmp, safety_checker=True, seed=0)
         shutil.rmtree(tmp)
-        parts["scheduler"] = PNDMScheduler(**SD1_SCHEDULER)
+        parts["scheduler"] = PNDMScheduler(**table("sd1_scheduler"))
         return parts
     torch.manual_seed(0)
-    text = {**CLIP_TEXT_COMMON, **CLIP_TEXT["large"], "pad_token_id": 1}
+    text = {**table("clip_text_common"), **table("clip_text")["large"], "pad_token_id": 1}
     checker_config = CLIPConfig(
         text_config={k: v for k, v in text.items() if k != "projection_dim"},
-        vision_config={**{k: v for k, v in CLIP_VISION["L/14"].items() if k != "projection_dim"},
+        vision_config={**{k: v for k, v in table("clip_vision")["L/14"].items() if k != "projection_dim"},
                        "hidden_act": "quick_gelu"},
         projection_dim=768,
     )  # fmt: skip
     return {
-        "unet": UNet2DConditionModel(**SD1_UNET),
-        "vae": AutoencoderKL(**SD1_VAE),
+        "unet": UNet2DConditionModel(**table("sd1_unet")),
+        "vae": AutoencoderKL(**table("sd1_vae")),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**text)),
         "tokenizer": clip_tokenizer(folder),
-        "scheduler": PNDMScheduler(**SD1_SCHEDULER),
+        "scheduler": PNDMScheduler(**table("sd1_scheduler")),
         "safety_checker": StableDiffusionSafetyChecker(checker_config).eval(),
         "feature_extractor": clip_image_processor(224),
         "requires_safety_checker": True,
