@@ -532,7 +532,7 @@ def sweep_figure(rows: dict[str, Any], path: Path, seeds: list[int]) -> None:
     ax.axvline(0, color="gray", lw=1, ls="--")
     ax.set_yticks(range(len(names)), [rows[n]["label"] for n in names], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"test CIDEr, ICSD minus uni-context (mean and 95 % interval over seeds {seeds})")
+    ax.set_xlabel(f"ICSD minus uni-context, test CIDEr\n(mean and 95 % interval, seeds {', '.join(map(str, seeds))})", fontsize=9)
     ax.set_title("When does multi-context help? (sandbox world)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
