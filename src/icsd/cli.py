@@ -574,9 +574,18 @@ app = build_app()
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     from . import interrupt
+
+    previous = interrupt.install()
+    try:
+        _main()
+    finally:
+        interrupt.restore(previous)
+
+
+def _main() -> None:
+    from . import interrupt
     from .console import quiet_libraries
 
-    interrupt.install()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     for stream in (sys.stdout, sys.stderr):

@@ -51,13 +51,24 @@ def _handle(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
 
 
-def install() -> None:
-    """Handle SIGINT and SIGTERM for the rest of the process (the CLI calls this first)."""
+def install() -> dict[int, Any]:
+    """Handle SIGINT and SIGTERM (the CLI calls this first); returns the handlers replaced, for
+    :func:`restore` (a caller that runs the CLI in its own process gets its handlers back)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, _handle)
     _state.installed = True
+    return previous
+
+
+def restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install` replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if previous:
+        _state.installed = False
 
 
 def reset() -> None:
