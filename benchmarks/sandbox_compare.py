@@ -1,21 +1,25 @@
-"""The sandbox comparison of docs/sandbox.md: ICSD vs the uni-context baseline (and, with --all, no
-selection, summary pairs and the oracle) over several seeds, plus the best-fixed-caption bound.
+"""The sandbox comparison of docs/sandbox.md (protocol: docs/sandbox-protocol.md): ICSD vs the
+uni-context baseline (and, with --all, no selection, summary pairs and the oracle) over several
+seeds, the paired difference with its 95 % interval and the protocol's decision, plus the
+best-fixed-caption bound; with --sweep, the exploratory sweep (selection count, renderer capacity,
+composition gap, corpus size) as a table and a figure.
 
-    python benchmarks/sandbox_compare.py                    # ICSD + uni-context + bounds, seeds 0 1 2
-    python benchmarks/sandbox_compare.py --all --out runs/sandbox
-    python benchmarks/sandbox_compare.py --methods icsd --seeds 0
-    python benchmarks/sandbox_compare.py --methods icsd uni_context oracle --seeds 0 \
-        --set train.max_steps=1800 --out runs/sandbox-long      # the same runs, trained 3x longer
+    python benchmarks/sandbox_compare.py --world-seed 2026 --sweep --out runs/sandbox-v3   # the protocol
+    python benchmarks/sandbox_compare.py --world-seed 7 --out runs/replica                # a world nobody has seen
+    python benchmarks/sandbox_compare.py --all --seeds 0 1 2 --out runs/sandbox
     python benchmarks/sandbox_compare.py --methods icsd_kind_true --out runs/sandbox
         # a diagnostic: each icsd-s<seed> run of OUT retrained without its pairs that name a kind
-        # the image does not show (the renderer draws five kinds at most)
+        # the image does not show (the renderer draws at most `capacity` kinds)
+    python benchmarks/sandbox_compare.py --world-seed 2026 --collect runs/sandbox-v3 --publish
+        # run nothing: gather finished runs, print the table, write the reports' comparison data
 
 Each (method, seed) is one ordinary `icsd run configs/sandbox_<method>.yaml` with `--train.seed`,
-`--summarize.seed` and `--render.seed` set to the seed (the world itself stays the same). The
-fixed-caption bound is the corpus caption (among the 40 most frequent) with the best validation
-CIDEr, scored on the test split with `icsd evaluate --predictions`. It prints each seed's test
-scores, mean and spread per method, and `icsd compare` over all runs, and writes OUT/summary.json
-and OUT/summary.md.
+`--summarize.seed` and `--render.seed` set to the seed, on one torch thread, `--jobs` at a time
+(the world itself stays the same; the text stages run once and are copied). The fixed-caption
+bound is the corpus caption (among the 40 most frequent) with the best validation CIDEr, scored
+on the test split with `icsd evaluate --predictions`. It prints each seed's test scores, mean and
+spread per method, the pair, selection and caption statistics of each run, and writes
+OUT/summary.json and OUT/summary.md (with --sweep also OUT/sweep.md, sweep.json, sweep.png).
 """
 
 from __future__ import annotations
