@@ -9,18 +9,24 @@ from collections.abc import Mapping
 from typing import Any
 
 
+def _half_width(values: list[float], level: float) -> float:
+    """Half the Student-t interval of the mean of ``values`` at ``level``."""
+    from scipy import stats
+
+    t = float(stats.t.ppf(0.5 + level / 2, len(values) - 1))
+    return t * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> dict[str, Any]:
     """``a`` minus ``b`` over the seeds both have: per-seed differences, their mean, standard
     deviation, Student-t interval at ``level``, and the mean difference relative to ``b``'s mean."""
-    from scipy import stats
-
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         raise ValueError(f"a paired interval needs at least 2 common seeds, got {seeds}")
     diffs = [a[s] - b[s] for s in seeds]
     mean = statistics.mean(diffs)
     sd = statistics.stdev(diffs)
-    half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    half = _half_width(diffs, level)
     b_mean = statistics.mean(b[s] for s in seeds)
     return {
         "seeds": seeds,
@@ -36,10 +42,7 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: flo
 
 def mean_interval(values: list[float], level: float = 0.95) -> list[float]:
     """The Student-t interval of the mean of ``values`` at ``level``."""
-    from scipy import stats
-
-    mean, sd = statistics.mean(values), statistics.stdev(values)
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    mean, half = statistics.mean(values), _half_width(values, level)
     return [round(mean - half, 4), round(mean + half, 4)]
 
 
