@@ -25,9 +25,9 @@ def test_cost_doc_is_generated_from_the_inputs(bench_path: None, capsys: pytest.
     import cost_model
 
     text = cost_model.main([])
-    assert (REPO / "docs" / "cost.md").read_text() == text, "regenerate: python benchmarks/cost_model.py > docs/cost.md"
+    assert (REPO / "docs" / "cost.md").read_text() == text, "regenerate: python -m icsd.cost_model > docs/cost.md"
     assert "| **total, image-grouped training** |" in text
-    inputs = json.loads((BENCH / "cost_inputs.json").read_text())
+    inputs = json.loads((REPO / "src" / "icsd" / "tables" / "cost_inputs.json").read_text())
     assert all(r["kind"] in {"measured", "derived", "estimate", "target", "assumption"} for r in inputs["rates"].values())
 
 
