@@ -12,7 +12,7 @@ from pydantic import Field
 from stage_contract import StageContract
 from typer.testing import CliRunner
 
-from icsd.config import STAGE_CONFIGS, StageConfig, pipeline_model
+from icsd.config import RUN_SECTIONS, STAGE_CONFIGS, StageConfig, pipeline_model
 from icsd.records import Caption, from_table
 from icsd.stages import STAGES, StageResult, StageSpec, Timer, finish_stage, stage_names
 from icsd.store import RunDir, atomic_write_json, read_parquet
@@ -66,7 +66,7 @@ def test_every_registered_stage_has_a_contract_test() -> None:
 def test_stage_configs_and_the_chain_config_are_the_registered_stages() -> None:
     assert list(STAGE_CONFIGS) == list(stage_names())
     assert all(STAGE_CONFIGS[name] is STAGES.get(name).config.section() for name in stage_names())
-    assert list(pipeline_model().model_fields) == ["name", "run_dir", "notice", *stage_names()]
+    assert list(pipeline_model().model_fields) == ["name", "run_dir", "notice", *stage_names(), *RUN_SECTIONS]
 
 
 def test_a_contract_class_without_its_name_says_what_to_set() -> None:

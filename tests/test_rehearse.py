@@ -17,20 +17,26 @@ from typer.testing import CliRunner
 from icsd.cli import app
 from icsd.errors import UserError
 from icsd.pipeline import load_config
-from icsd.rehearse import Options, check_paths
+from icsd.rehearse import check_paths
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "icsd_coco.yaml"
 STAGES = ["ingest", "embed", "group", "summarize", "render", "pairs", "train", "evaluate", "report"]
 
 
-def test_rehearse_options_are_taken_out_of_the_overrides() -> None:
-    opts, rest = Options.split({"rehearse.captions": "40", "rehearse.scale": "tiny", "render.steps": "5"})
-    assert (opts.captions, opts.scale, rest) == (40, "tiny", {"render.steps": "5"})
-    with pytest.raises(UserError, match="rehearse.captions"):
-        Options.split({"rehearse.captons": "4"})
-    with pytest.raises(UserError, match="whole number"):
-        Options.split({"rehearse.images": "many"})
+def test_rehearse_options_are_resolved_like_every_setting(tmp_path: Path) -> None:
+    cfg = load_config(None, {"rehearse.captions": "40", "rehearse.scale": "tiny", "render.steps": "5"})
+    assert (cfg.rehearse.captions, cfg.rehearse.scale, cfg.render.steps) == (40, "tiny", 5)
+    with pytest.raises(UserError, match="unknown key rehearse.captons .*'captions'"):
+        load_config(None, {"rehearse.captons": "4"})
+    with pytest.raises(UserError, match="rehearse.images: .*integer"):
+        load_config(None, {"rehearse.images": "many"})
+    with pytest.raises(UserError, match="rehearse.scale"):
+        load_config(None, {"rehearse.scale": "huge"})
+    # a config file may carry its rehearsal's size; the command line wins
+    (tmp_path / "c.yaml").write_text("rehearse:\n  images: 3\n  steps: 1\n")
+    cfg = load_config(tmp_path / "c.yaml", {"rehearse.steps": "2"})
+    assert (cfg.rehearse.images, cfg.rehearse.steps) == (3, 2)
 
 
 def test_every_data_path_is_checked(tmp_path: Path) -> None:
@@ -93,8 +99,19 @@ def test_rehearsal_of_the_paper_config_at_tiny_widths(
         assert rows[stage]["peak_rss"] > 0
     assert rows["train"]["peak_rss_configured"] > rows["train"]["peak_rss"]
     assert any("2 denoising steps" in line for line in doc["reduced"])
-    cost = doc["gpu_cost_model"]  # the checkout's benchmarks/cost_model.py at this config's sizes
-    assert cost["status"] and ("gpu_hours" not in cost or cost["gpu_hours"] > 0)
+    # one cost model, one set of recipe sizes: with the corpus absent the rehearsal's sizes are the
+    # recipe's (docs/cost.md), so are its pairs and its GPU-hours
+    from icsd import cost_model
+
+    recipe = cost_model.project({})
+    cost = doc["gpu_cost_model"]
+    assert cost["gpu_hours"] == recipe["gpu_hours"] and "icsd.cost_model" in cost["status"]
+    assert rows["pairs"]["full_units"] == recipe["sizes"]["pairs"]["value"] == 566_747 * 7
+    assert doc["sizes"]["captions"]["source"].startswith("assumed: COCO Karpathy")
+    assert f"total, ungrouped training** | **{cost_model.totals(cost_model.lines(cost_model.load_inputs()), False)[0]:.1f}" in (
+        REPO / "docs" / "cost.md"
+    ).read_text()
+    assert f"| **{recipe['gpu_hours']:.1f}** |" in (REPO / "docs" / "cost.md").read_text()
     # the stages loaded the built folders through their ordinary settings
     used = json.loads((run / "manifest.json").read_text())["stages"]
     assert used["render"]["config"]["model"].endswith("CompVis--stable-diffusion-v1-4.render.tiny")

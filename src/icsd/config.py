@@ -502,10 +502,36 @@ class ReportConfig(StageConfig):
     sample_groups: int = Field(default=24, ge=0, description="Groups shown with their images.")
 
 
+class RehearseConfig(StageConfig):
+    """``icsd run CONFIG --rehearse``: the size of the rehearsal (``--rehearse.KEY VALUE``, or a
+    ``rehearse:`` block of the config file). Read by the rehearsal only; a run ignores it."""
+
+    captions: int | None = Field(
+        default=None, ge=1, description="Corpus slice (default: 24, or 2 x group.k when that is more)."
+    )
+    prompts: int = Field(default=4, ge=1, description="LLM requests (candidate sets summarised).")
+    images: int = Field(default=2, ge=1, description="Images rendered.")
+    steps: int = Field(default=2, ge=1, description="Denoising steps per image.")
+    train_steps: int = Field(default=2, ge=1, description="Optimizer steps.")
+    batch: int = Field(default=4, ge=1, description="Training pairs per step.")
+    eval_images: int = Field(default=2, ge=1, description="Images captioned by validation and by evaluate.")
+    scale: Literal["paper", "tiny"] = Field(
+        default="paper", description="paper | tiny (the same classes and code path at small widths: tests)."
+    )
+    corpus_size: int | None = Field(
+        default=None, ge=1, description="Captions of the full corpus, when it is not readable here."
+    )
+
+
+#: sections of a config that are not stages: name -> model
+RUN_SECTIONS: dict[str, type[StageConfig]] = {"rehearse": RehearseConfig}
+
+
 class PipelineConfig(StageConfig):
-    """The whole-chain settings: ``name``, ``run_dir`` and one block per registered stage (its
-    config model). The model with the stage blocks is built from the stage registry
-    (:func:`pipeline_model`); this base only types what every chain config has."""
+    """The whole-chain settings: ``name``, ``run_dir``, one block per registered stage (its
+    config model) and the :data:`RUN_SECTIONS` (``rehearse``). The model with the stage blocks is
+    built from the stage registry (:func:`pipeline_model`); this base only types what every chain
+    config has."""
 
     name: str = Field(default="run", description="Run name (the run directory defaults to runs/<name>).")
     run_dir: str | None = Field(default=None, description="Run directory.")
@@ -542,9 +568,16 @@ class _StageConfigs(Mapping[str, type[StageConfig]]):
 STAGE_CONFIGS: Mapping[str, type[StageConfig]] = _StageConfigs()
 
 
+def sections() -> dict[str, type[StageConfig]]:
+    """Every section of a config: the stages' blocks, then :data:`RUN_SECTIONS`."""
+    return {**STAGE_CONFIGS, **RUN_SECTIONS}
+
+
 @lru_cache(maxsize=8)
 def _pipeline_model(stages: tuple[tuple[str, type[StageConfig]], ...]) -> type[PipelineConfig]:
-    blocks: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in stages}
+    blocks: dict[str, Any] = {
+        name: (model, Field(default_factory=model)) for name, model in (*stages, *RUN_SECTIONS.items())
+    }
     made: type[PipelineConfig] = create_model("PipelineConfig", __base__=PipelineConfig, **blocks)
     return made
 
@@ -666,7 +699,7 @@ def leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"render": {"steps": 4}}`` -> ``{"render.steps": 4}`` (one level of sections)."""
     out: dict[str, Any] = {}
     for k, v in data.items():
-        if not prefix and k in STAGE_CONFIGS and isinstance(v, dict):
+        if not prefix and k in sections() and isinstance(v, dict):
             out.update(leaves(v, f"{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -690,7 +723,7 @@ def file_layers(file: str | Path, stage: str | None = None, seen: tuple[Path, ..
         raise UserError(f"config 'base' chain loops back to {path}")
     data = read_yaml(path)
     base = data.pop("base", None)
-    if stage is not None and data and not (set(data) & (set(STAGE_CONFIGS) | set(TOP_LEVEL))):
+    if stage is not None and data and not (set(data) & (set(sections()) | set(TOP_LEVEL))):
         data = {stage: data}
     layers: list[Layer] = []
     if base is not None:
@@ -739,16 +772,17 @@ def check_keys(layer: Layer) -> None:
     """Every key of ``layer`` names a setting; else one line naming the source and the closest key."""
     from .registry import closest
 
+    known_sections = sections()
     for key, value in layer.data.items():
         if key in TOP_LEVEL:
             continue
-        if key not in STAGE_CONFIGS:
-            known = [*STAGE_CONFIGS, *TOP_LEVEL]
+        if key not in known_sections:
+            known = [*known_sections, *TOP_LEVEL]
             raise UserError(f"unknown section {key!r} (from {layer.source}){closest(key, known)}; "
                             f"sections: {', '.join(known)}")  # fmt: skip
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a mapping of settings (from {layer.source})")
-        fields = list(STAGE_CONFIGS[key].model_fields)
+        fields = list(known_sections[key].model_fields)
         for name in value:
             if name not in fields:
                 hint = closest(str(name), fields) or f"; keys of {key}: {', '.join(fields)}"

@@ -29,6 +29,19 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class RehearsalHooks:
+    """How ``icsd run CONFIG --rehearse`` treats a stage; each hook takes the stage's
+    :class:`icsd.rehearse.hooks.StageRehearsal`. ``models`` names the models the stage loads (built
+    with random weights), ``reduce`` cuts the stage's block of the rehearsal config to a slice,
+    ``project`` returns its row of the plan (``ctx.row(...)``) and fills in the full run's sizes
+    that later stages read. A stage without them runs as configured and is projected as measured."""
+
+    models: Callable[[Any], None] | None = None
+    reduce: Callable[[Any], None] | None = None
+    project: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """Everything the rest of icsd knows about a stage, declared once in the stage's module.
 
@@ -42,7 +55,9 @@ class StageSpec:
     (default: always). A command that may run without a run directory sets ``run_optional``, its
     own extra file options in ``file_options`` (``(name, help)``: ``--name PATH``) and ``main(cfg,
     run_dir_or_None, {name: path})``, which it calls instead of ``run``; a result with a ``table``
-    attribute has it printed before the closing line.
+    attribute has it printed before the closing line. ``rehearsal`` holds the stage's
+    :class:`RehearsalHooks`; ``report_counts`` the manifest counts the report's table shows, as
+    ``(count, label)``.
     """
 
     name: str
@@ -59,6 +74,8 @@ class StageSpec:
     run_optional: bool = False
     file_options: tuple[tuple[str, str], ...] = ()
     main: Callable[[Any, Path | None, dict[str, Any]], StageResult] | None = None
+    rehearsal: RehearsalHooks = RehearsalHooks()
+    report_counts: tuple[tuple[str, str], ...] = ()
 
 
 def multi_context(pipeline_cfg: Any) -> bool:

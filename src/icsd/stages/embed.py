@@ -9,14 +9,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import EmbedConfig
 from ..errors import UserError
 from ..executor import Progress, ShardTask, Worker, device_for_worker, run_tasks
 from ..records import embeddings_table
 from ..store import RunDir, mark_done, read_parquet, remove_stale_parts, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage, multi_context
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,34 @@ def run(cfg: EmbedConfig, run: RunDir) -> StageResult:
     )
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_models(ctx: StageRehearsal) -> None:
+    ctx.need("text embedder", "model", ctx.configured.model, "embed")
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    from ..rehearse.hooks import parquet_rows, per
+
+    assert ctx.record is not None
+    captions = parquet_rows(ctx.run.captions) or 1
+    full = int(ctx.size("captions") or 0)
+    tower = ctx.probe("text_embedding")
+    spu = per(tower.seconds, tower.items) or per(ctx.record.seconds, captions)
+    architecture, parameters = ctx.architecture("model")
+    cfg = ctx.configured
+    return ctx.row(architecture=architecture, parameters=parameters,
+                   settings={"kind": cfg.kind, "batch_size": cfg.batch_size, "device": cfg.device},
+                   unit="caption", units=captions, seconds_per_unit=spu, full_units=full,
+                   projected_seconds=(spu or 0) * full, projection="text-tower seconds per caption x corpus captions")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="embed",
     wanted=multi_context,
+    report_counts=(("captions", "captions embedded"),),
+    rehearsal=RehearsalHooks(models=_rehearsal_models, project=_rehearsal_project),
     config=EmbedConfig,
     run=run,
     inputs=lambda cfg, run: [run.captions],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..caption import skipped_note
 from ..config import EvaluateConfig
@@ -33,7 +33,10 @@ from ..metrics import (
     score_captions,
 )
 from ..store import RunDir, atomic_write_json, package_versions, sha256_file
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Bleu_1", "BLEU-1"),
@@ -373,12 +376,71 @@ def _prepare(cfg: EvaluateConfig, run: RunDir, changed: bool) -> EvaluateConfig:
     return cfg.model_copy(update={"model": str(best if best.exists() else run.train / "last")})
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_reduce(ctx: StageRehearsal) -> None:
+    from ..config import package_file
+
+    cfg, r, n = ctx.configured, ctx.config, ctx.options.eval_images
+    if not (cfg.annotations or cfg.predictions):
+        return
+    if not (ctx.exists("annotations") and ctx.exists("images")):
+        r.annotations = str(package_file("data/quickstart/references.json"))
+        r.images = str(package_file("data/quickstart/images"))
+        r.benchmark = "coco-captions"
+        r.split = "test"
+        ctx.substituted(
+            f"evaluate: the bundled COCO images and references instead of {cfg.benchmark or 'the benchmark'}"
+        )
+    r.predictions = None
+    r.model = None
+    r.limit = n
+    r.batch_size = min(cfg.batch_size, n)
+    r.spice_jars = None
+    r.metrics = [m for m in cfg.metrics if m.lower() != "spice"] or ["BLEU"]
+    ctx.reduced(f"the first {n} images (SPICE left out)")
+
+
+def _benchmark_images(ctx: StageRehearsal) -> int | None:
+    from ..eval_sets import EVAL_SETS
+
+    cfg = ctx.configured
+    if ctx.exists("annotations"):
+        try:
+            refs = load_references(cfg.annotations or "", benchmark=cfg.benchmark, split=cfg.split)
+            return sum(1 for im in refs.images if im.captions)
+        except Exception:  # noqa: BLE001 - the benchmark's published size below
+            pass
+    spec = EVAL_SETS.get(cfg.benchmark or "")
+    return spec.expected_images if spec is not None and spec.expected_images else None
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    from ..rehearse.hooks import per
+
+    rec = ctx.record
+    assert rec is not None
+    cfg, r = ctx.configured, ctx.config
+    gen = ctx.probe("generate")
+    spu = per(gen.seconds, gen.items) or per(rec.seconds, r.limit or 1)
+    bench = _benchmark_images(ctx)
+    return ctx.row(architecture="the trained captioner",
+                   settings={"benchmark": cfg.benchmark, "beams": cfg.beams, "min_new_tokens": cfg.min_new_tokens,
+                             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+                   unit="image", units=gen.items or (r.limit or 0), seconds_per_unit=spu, full_units=bench,
+                   projected_seconds=(spu or 0) * bench if bench else None,
+                   projection="beam search seconds per image x benchmark images")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="evaluate",
     run_optional=True,
     file_options=(("out", "Write scores.json here."),),
     main=_command,
     wanted=lambda cfg: bool(cfg.evaluate.annotations or cfg.evaluate.predictions),
+    report_counts=(("images", "test images"),),
+    rehearsal=RehearsalHooks(reduce=_rehearsal_reduce, project=_rehearsal_project),
     config=EvaluateConfig,
     run=run,
     inputs=_inputs,

@@ -11,7 +11,7 @@ code on the CPU).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,10 @@ from ..knn import (
 )
 from ..records import CANDIDATES_SCHEMA
 from ..store import RunDir, read_embeddings, read_parquet, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage, multi_context
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 
 def candidates_table(
@@ -132,9 +135,38 @@ def run(cfg: GroupConfig, run: RunDir) -> StageResult:
     )
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    """Exact search at full size: 2 N^2 d FLOP at this machine's matmul rate, measured now."""
+    from ..rehearse.hooks import parquet_rows, per
+    from ..rehearse.measure import matmul_flops_per_s
+
+    assert ctx.record is not None
+    captions = parquet_rows(ctx.run.captions) or 1
+    full = int(ctx.size("captions") or 0)
+    dim = 512
+    try:
+        _, vectors = read_embeddings(ctx.run.embeddings)
+        dim = int(vectors.shape[1])
+    except Exception:  # noqa: BLE001 - the projection keeps CLIP's width
+        pass
+    cfg = ctx.configured
+    work = 2.0 * full * full * dim if cfg.index == "flat" else None
+    flops = matmul_flops_per_s() if work else None
+    return ctx.row(settings={"k": cfg.k, "index": cfg.index}, unit="caption", units=captions,
+                   seconds_per_unit=per(ctx.record.seconds, captions), full_units=full,
+                   projected_seconds=(work / flops) if work and flops else None,
+                   projection=f"exact search: 2 N^2 x {dim} FLOP at this machine's matmul rate "
+                              f"({flops / 1e9:.0f} GFLOP/s)" if work and flops else "approximate index: not projected")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="group",
     wanted=multi_context,
+    report_counts=(("groups", "candidate sets"), ("duplicates_dropped", "duplicate sets dropped")),
+    rehearsal=RehearsalHooks(project=_rehearsal_project),
     config=GroupConfig,
     run=run,
     inputs=lambda cfg, run: [run.captions, run.embeddings],

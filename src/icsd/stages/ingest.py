@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,7 +34,10 @@ from ..formats import (
 )
 from ..records import Caption, to_table
 from ..store import RunDir, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 MAX_CAPTION_CHARS = 2000
 
@@ -272,8 +275,54 @@ def _inputs(cfg: IngestConfig, run: RunDir) -> list[Path]:
     return [Path(cfg.corpus).expanduser()] if cfg.corpus else []
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_reduce(ctx: StageRehearsal) -> None:
+    """A slice of the corpus, or of the bundled captions when the corpus is not here."""
+    from ..config import package_file
+
+    if not ctx.exists("corpus"):
+        ctx.config.corpus = str(package_file("data/quickstart/captions.json"))
+        ctx.config.format = "coco"
+        ctx.substituted("ingest.corpus: the bundled COCO captions (the configured corpus is not here)")
+    k = int(getattr(getattr(ctx.full, "group", None), "k", 12))
+    wanted = ctx.options.captions or max(24, 2 * k)  # more than K, so candidate sets differ
+    ctx.config.limit = min(ctx.configured.limit or wanted, wanted)
+    ctx.reduced(f"the first {ctx.config.limit} captions")
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    """The full corpus: counted (and read once, timed) when it is here, else the cost model's recipe."""
+    import time
+
+    from ..cost_model import load_inputs
+    from ..rehearse.hooks import Size, parquet_rows, per
+
+    seconds = None
+    if ctx.options.corpus_size:
+        size = Size(ctx.options.corpus_size, "--rehearse.corpus_size")
+    elif ctx.exists("corpus"):
+        start = time.perf_counter()
+        kept, _, _ = read_corpus(Path(ctx.configured.corpus or "").expanduser(), ctx.configured)
+        seconds = time.perf_counter() - start
+        size = Size(len(kept), "counted in the configured corpus")
+    else:
+        recipe = load_inputs()["recipe"]["captions"]
+        size = Size(recipe["value"], f"assumed: {recipe['source']}; set --rehearse.corpus_size N")
+    ctx.sizes["captions"] = size
+    assert ctx.record is not None
+    captions = parquet_rows(ctx.run.captions) or 1
+    return ctx.row(settings={"format": ctx.config.format, "splits": ctx.configured.splits}, unit="caption",
+                   units=captions, seconds_per_unit=per(ctx.record.seconds, captions), full_units=int(size.value),
+                   projected_seconds=seconds, projection="the full corpus read once now" if seconds is not None
+                   else "not projected (corpus not here; reading is minor)")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="ingest",
+    report_counts=(("kept", "captions kept"), ("dropped", "dropped")),
+    rehearsal=RehearsalHooks(reduce=_rehearsal_reduce, project=_rehearsal_project),
     config=IngestConfig,
     run=run,
     inputs=_inputs,

@@ -17,13 +17,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import PairsConfig
 from ..errors import UserError
 from ..records import PAIR_KINDS, Pair, Score, Selection, from_table, to_table
 from ..store import RunDir, done_shards, iter_shard_samples, read_parquet, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,37 @@ def no_pairs_reason(cfg: PairsConfig, tally: Counter[str]) -> str:
     return f"no pairs of kind {kinds} could be made from {tally['images']} images (no ok selections?)"
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    """Pairs per image: the slice's, except for selected captions when the scripted server chose
+    them (it always picks the same number): then the cost model's recipe figure."""
+    from ..rehearse.hooks import Size, parquet_rows, per
+
+    rec = ctx.record
+    assert rec is not None
+    pairs = parquet_rows(ctx.run.pairs)
+    images = int(rec.counts.get("images", 0))
+    kinds = list(ctx.configured.kinds)
+    selected = ctx.sizes.get("selected_per_image")
+    if "selected" in kinds and selected is not None:
+        others = [k for k in kinds if k != "selected"]
+        extra = f" + one pair of each other kind ({', '.join(others)})" if others else ""
+        per_image = Size(selected.value + len(others), f"the selected captions per image{extra}")
+    else:
+        per_image = Size(round(pairs / images, 3) if images else 0.0, "measured on the rehearsal's slice")
+    ctx.sizes["pairs_per_image"] = per_image
+    full = int((ctx.size("images") or 0) * per_image.value)
+    ctx.sizes["pairs"] = Size(full, "images x pairs per image")
+    return ctx.row(settings={"kinds": kinds}, unit="pair", units=pairs, seconds_per_unit=per(rec.seconds, pairs),
+                   full_units=full, projected_seconds=None, projection="minor (table work)")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="pairs",
+    report_counts=(("pairs", "pairs"), ("images", "images")),
+    rehearsal=RehearsalHooks(project=_rehearsal_project),
     config=PairsConfig,
     run=run,
     inputs=lambda cfg, run: [run.images, run.selections, run.captions, run.scores],

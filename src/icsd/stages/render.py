@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,7 +47,10 @@ from ..store import (
     remove_stale_parts,
     safe_key,
 )
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 STAGE = "render"
 SHARD_PATTERN = "shard-*.tar"
@@ -465,8 +468,69 @@ def _inputs(cfg: RenderConfig, run: RunDir) -> list[Path]:
     return [run.captions if cfg.prompts == "captions" else run.selections]
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_models(ctx: StageRehearsal) -> None:
+    cfg = ctx.configured
+    if cfg.tiny_random or cfg.backend != "diffusers":
+        ctx.note(f"backend {'tiny-random' if cfg.tiny_random else cfg.backend} used as it is")
+    else:
+        ctx.need("text-to-image", "model", cfg.model, "render")
+
+
+def _rehearsal_reduce(ctx: StageRehearsal) -> None:
+    cfg, r, opts = ctx.configured, ctx.config, ctx.options
+    r.limit = min(cfg.limit or opts.images, opts.images)
+    r.sample = None
+    r.steps = min(cfg.steps, opts.steps)
+    r.batch_size = min(cfg.batch_size, r.limit)
+    ctx.reduced(f"{r.limit} images, {r.steps} denoising steps (configured {cfg.steps}), "
+                f"batch {r.batch_size} (configured {cfg.batch_size})")  # fmt: skip
+    if not ctx.on_gpu:
+        if cfg.dtype in ("fp16", "bf16"):
+            r.dtype = "fp32"
+            ctx.reduced(f"fp32 on this CPU (configured {cfg.dtype}, for a GPU)")
+        r.compile = False
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    """UNet seconds per step and image x the configured steps, plus decode and safety checker."""
+    from ..rehearse.hooks import Size, extrapolate_memory, fmt_seconds, per
+
+    rec = ctx.record
+    assert rec is not None
+    cfg, r = ctx.configured, ctx.config
+    images = int(rec.counts.get("images", 0))
+    if cfg.prompts == "summaries" and "prompts" in ctx.sizes:
+        full, source = int(ctx.size("prompts") or 0), "one image per prompt"
+    else:
+        full, source = int(ctx.size("captions") or 0), "one image per caption"
+    for key in ("limit", "sample"):
+        if getattr(cfg, key) and getattr(cfg, key) < full:
+            full, source = getattr(cfg, key), f"render.{key}"
+    ctx.sizes["images"] = Size(full, source)
+    unet, vae, checker = ctx.probe("unet"), ctx.probe("vae_decode"), ctx.probe("safety_checker")
+    per_step = per(unet.seconds, r.steps * images) if images else None
+    other = per(vae.seconds + checker.seconds, images) or 0.0
+    spu = (per_step or 0) * cfg.steps + other if per_step is not None else per(rec.seconds, images)
+    fixed = max(0.0, rec.seconds - unet.seconds - vae.seconds - checker.seconds)
+    architecture, parameters = ctx.architecture("model")
+    row = ctx.row(architecture=architecture, parameters=parameters,
+                  settings={"scheduler": cfg.scheduler, "steps": cfg.steps, "guidance": cfg.guidance, "size": cfg.size,
+                            "dtype": cfg.dtype, "batch_size": cfg.batch_size, "safety_checker": cfg.safety_checker},
+                  unit="image", units=images, seconds_per_unit=spu, full_units=full,
+                  projected_seconds=fixed + (spu or 0) * full,
+                  projection=f"UNet {fmt_seconds(per_step)}/step/image x {cfg.steps} steps + VAE decode "
+                             f"and safety checker {fmt_seconds(other)}/image, x images (one device)")  # fmt: skip
+    row.peak_rss_configured = extrapolate_memory(rec, (parameters or 0) * 4, r.batch_size, cfg.batch_size)
+    return row
+
+
 SPEC = StageSpec(
     name="render",
+    report_counts=(("images", "images"),),
+    rehearsal=RehearsalHooks(models=_rehearsal_models, reduce=_rehearsal_reduce, project=_rehearsal_project),
     config=RenderConfig,
     run=run,
     inputs=_inputs,

@@ -268,25 +268,23 @@ def training_section(run: RunDir, manifest: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the data story
 
 
-STAGE_OUTCOME: dict[str, tuple[tuple[str, str], ...]] = {
-    "ingest": (("kept", "captions kept"), ("dropped", "dropped")),
-    "embed": (("captions", "captions embedded"),),
-    "group": (("groups", "candidate sets"), ("duplicates_dropped", "duplicate sets dropped")),
-    "summarize": (("groups", "sets sent to the LLM"), ("ok", "ok"), ("invalid", "invalid"),
-                  ("parse_error", "unparsable"), ("failed", "failed")),  # fmt: skip
-    "render": (("images", "images"),),
-    "pairs": (("pairs", "pairs"), ("images", "images")),
-    "train": (("steps", "steps"), ("pairs", "pairs")),
-    "evaluate": (("images", "test images"),),
-    "report": (("bytes", "bytes"),),
-}
+def report_counts(stage: str) -> tuple[tuple[str, str], ...]:
+    """The counts the stage's spec names for this table (``StageSpec.report_counts``)."""
+    from . import STAGES
+
+    if stage not in STAGES:
+        return ()
+    try:
+        return STAGES.get(stage).report_counts
+    except Exception:  # noqa: BLE001 - a stage whose plugin is gone is shown with its raw counts
+        return ()
 
 
 def stage_outcome(stage: str, counts: dict[str, Any]) -> str:
     """A stage's counts in words (``600 sets sent to the LLM, 558 ok, 42 invalid``); other stages'
     counts as ``key value``."""
-    known = STAGE_OUTCOME.get(stage)
-    if known is None:
+    known = report_counts(stage)
+    if not known:
         return ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in counts.items() if not isinstance(v, dict | list))
     return ", ".join(f"{_fmt(counts[k])} {label}" for k, label in known if counts.get(k))
 
@@ -522,6 +520,7 @@ def run(cfg: ReportConfig, run: RunDir) -> StageResult:
 
 SPEC = StageSpec(
     name="report",
+    report_counts=(("bytes", "bytes"),),
     config=ReportConfig,
     run=run,
     inputs=lambda cfg, run: [],

@@ -8,6 +8,8 @@ from a caption (uni-context): that caption. Written to ``RUN/scores.parquet``; `
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ScoreConfig
 from ..console import progress_bar
@@ -15,7 +17,10 @@ from ..errors import UserError
 from ..executor import resolve_device
 from ..records import ImageSample, Score, Selection, from_table, iter_batches, to_table
 from ..store import RunDir, done_shards, iter_shard_samples, read_parquet, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import StageRehearsal
 
 
 def texts_for(sample: ImageSample, selections: dict[str, Selection], captions: dict[str, str]) -> list[str]:
@@ -83,9 +88,20 @@ def run(cfg: ScoreConfig, run: RunDir) -> StageResult:
     )
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+def _rehearsal_reduce(ctx: StageRehearsal) -> None:
+    model = ctx.configured.model
+    if model and not Path(model).expanduser().exists():
+        ctx.config.model = None
+        ctx.reduced("not rehearsed (no random CLIP scorer is built); the stage is skipped")
+
+
 SPEC = StageSpec(
     name="score",
     wanted=lambda cfg: bool(cfg.score.model),
+    rehearsal=RehearsalHooks(reduce=_rehearsal_reduce),
     config=ScoreConfig,
     run=run,
     inputs=lambda cfg, run: [run.images, run.selections, run.captions],

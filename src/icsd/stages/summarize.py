@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -55,7 +55,10 @@ from ..llm.prompts import (
 )
 from ..records import SELECTION_STATUSES, SELECTIONS_SCHEMA, Selection, from_table
 from ..store import RunDir, hash_text, is_done, mark_done, read_parquet, remove_stale_parts, write_parquet
-from ._base import StageResult, StageSpec, Timer, finish_stage, multi_context
+from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage, multi_context
+
+if TYPE_CHECKING:
+    from ..rehearse.hooks import Row, StageRehearsal
 
 STAGE = "summarize"
 PART_PATTERN = "part-*.parquet"
@@ -673,9 +676,78 @@ def _run_as_tasks(
         tally.add(r)
 
 
+# ----------------------------------------------------------------------------- rehearsal
+
+
+REHEARSAL_KEY_ENV = "ICSD_REHEARSAL_NO_KEY"  # the scripted server needs no key: never send a real one
+
+
+def _rehearsal_reduce(ctx: StageRehearsal) -> None:
+    """The local scripted chat server instead of the configured LLM, whatever its backend."""
+    import os
+
+    from ..testing.chat_server import ChatServer, echo_responder
+
+    cfg, r = ctx.configured, ctx.config
+    server = ChatServer(echo_responder(pick=cfg.min_select), model=cfg.model).start()
+    ctx.resources.callback(server.stop)
+    ctx.memo["server"] = server
+    os.environ.pop(REHEARSAL_KEY_ENV, None)
+    r.backend = "openai"
+    r.base_url = [server.url]
+    r.api_key_env = REHEARSAL_KEY_ENV
+    r.gguf_file = None
+    r.sample = None
+    r.limit = min(cfg.limit or ctx.options.prompts, ctx.options.prompts)
+    ctx.reduced(
+        f"{r.limit} candidate sets through the local scripted chat server "
+        f"(configured: {cfg.backend} {', '.join(cfg.base_url) or cfg.model}); "
+        "its answers pick the first captions, so the LLM's own time is not measured"
+    )
+
+
+def _rehearsal_project(ctx: StageRehearsal) -> Row:
+    """One request per candidate set of the full corpus; the LLM's time is the server's."""
+    from ..cost_model import load_inputs
+    from ..rehearse.hooks import Size, per
+
+    assert ctx.record is not None
+    cfg = ctx.configured
+    requests = list(ctx.memo["server"].requests)
+    words = [len(str(m.get("content", "")).split()) for q in requests for m in q.get("messages", [])]
+    mean_words = sum(words) // max(1, len(requests))
+    full = int(ctx.size("captions") or 0)  # every caption heads a set; identical sets are rare at full size
+    source = "one request per candidate set, one set per caption"
+    if cfg.limit and cfg.limit < full:
+        full, source = cfg.limit, "summarize.limit"
+    if cfg.sample and cfg.sample < full:
+        full, source = cfg.sample, "summarize.sample"
+    ctx.sizes["prompts"] = Size(full, source)
+    if cfg.mode == "select":  # the scripted answers always select min_select: not the run's number
+        recipe = load_inputs()["recipe"]["pairs_per_image"]
+        ctx.sizes["selected_per_image"] = Size(recipe["value"], recipe["source"])
+    return ctx.row(architecture=f"{cfg.backend}: {cfg.model} (not run: scripted server)",
+                   settings={"mode": cfg.mode, "min_select": cfg.min_select, "max_select": cfg.max_select,
+                             "max_words": cfg.max_words, "max_new_tokens": cfg.max_new_tokens,
+                             "temperature": cfg.temperature, "concurrency": cfg.concurrency,
+                             "prompt_words_per_request": round(sum(words) / max(1, len(requests)), 1)},
+                   unit="prompt", units=len(requests), seconds_per_unit=per(ctx.record.seconds, len(requests)),
+                   full_units=full, projected_seconds=None,
+                   projection=f"{full:,} requests of ~{mean_words} words, up to {cfg.max_new_tokens} new tokens "
+                              "each: time depends on the LLM server")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="summarize",
     wanted=multi_context,
+    report_counts=(
+        ("groups", "sets sent to the LLM"),
+        ("ok", "ok"),
+        ("invalid", "invalid"),
+        ("parse_error", "unparsable"),
+        ("failed", "failed"),
+    ),
+    rehearsal=RehearsalHooks(reduce=_rehearsal_reduce, project=_rehearsal_project),
     config=SummarizeConfig,
     run=run,
     inputs=lambda cfg, run: [run.candidates, run.captions],

@@ -16,9 +16,11 @@ CLI's options and ``--help``) costs no torch import.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import TrainConfig
 from ..store import RunDir
-from ._base import StageResult, StageSpec
+from ._base import RehearsalHooks, StageResult, StageSpec
 
 
 def run(cfg: TrainConfig, run: RunDir) -> StageResult:
@@ -38,9 +40,24 @@ def _prepare(cfg: TrainConfig, run: RunDir, changed: bool) -> TrainConfig:
     return cfg.model_copy(update={"restart": True}) if changed else cfg
 
 
+def _rehearsal(hook: str) -> Any:
+    """A hook of :mod:`icsd.training.rehearsal`, imported when the rehearsal calls it."""
+
+    def call(ctx: Any) -> Any:
+        from ..training import rehearsal
+
+        return getattr(rehearsal, hook)(ctx)
+
+    return call
+
+
 SPEC = StageSpec(
     name="train",
+    report_counts=(("steps", "steps"), ("pairs", "pairs")),
     config=TrainConfig,
+    rehearsal=RehearsalHooks(
+        models=_rehearsal("models"), reduce=_rehearsal("reduce"), project=_rehearsal("project")
+    ),
     run=run,
     inputs=lambda cfg, run: [run.pairs, run.images],
     outputs=lambda run: [run.train],
