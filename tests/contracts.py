@@ -14,7 +14,6 @@ Everything runs on the CPU with tiny random models (``tests/tiny_models.py``) in
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,11 +50,8 @@ class CaptionerContract(Contract):
     @pytest.fixture(scope="class")
     def built(self, tiny_caption_parts: dict[str, Path]) -> CaptionModel:
         torch.manual_seed(0)
-        spec = replace(
-            self.make_spec(tiny_caption_parts),
-            beams=self.beams,
-            min_new_tokens=self.min_new_tokens,
-            max_new_tokens=self.max_new_tokens,
+        spec = self.make_spec(tiny_caption_parts).model_copy(
+            update={"beams": self.beams, "min_new_tokens": self.min_new_tokens, "max_new_tokens": self.max_new_tokens}
         )
         return build_caption_model(spec)
 
@@ -75,6 +71,20 @@ class CaptionerContract(Contract):
         assert built.spec.preset == self.preset
         assert built.trainable_parameters()
         assert built.family.lr > 0 and isinstance(built.family.augment, bool)
+
+    def test_its_options_are_train_settings(self) -> None:
+        """The family's ``Options`` is the model registered beside it (when one is), and each of its
+        fields is a setting of the train section, handed back validated as the family's options."""
+        from icsd.config import TrainConfig
+        from icsd.registry import import_entry
+
+        family = CAPTIONERS.get(self.preset)
+        hint = CAPTIONERS.options_entry(self.preset)
+        assert hint is None or import_entry(hint) is family.Options, f"register {self.preset} with options={family.Options}"
+        section = TrainConfig.section().model_fields
+        assert set(family.Options.model_fields) <= set(section)
+        options = TrainConfig(preset=self.preset, beams=2).options()
+        assert isinstance(options, family.Options) and (options.preset, options.beams) == (self.preset, 2)
 
     def test_text_batch_labels_only_the_caption(self, built: CaptionModel) -> None:
         batch = built.text_batch(CAPTIONS, 16)

@@ -294,6 +294,14 @@ class PairsConfig(StageConfig):
 
 
 class TrainConfig(StageConfig):
+    """The train stage's own settings; the captioner family's options (``vision_model``,
+    ``image_size``, ``beams``, ``decoder_style``, ...) are declared by the families
+    (:mod:`icsd.backends.captioning.options`) and join this section as fields of their own
+    (:mod:`icsd.options`); the stage hands them to the family as :meth:`options` gives them."""
+
+    backend_registry: ClassVar[str | None] = "icsd.backends.registry:CAPTIONERS"
+    backend_default_options: ClassVar[str | None] = "icsd.backends.captioning.options:CaptionerOptions"
+
     preset: str = Field(
         default="icsd",
         description="Captioner family: icsd (paper: CLIP + BERT decoder) | prefix | tiny (any registered one).",
@@ -305,51 +313,10 @@ class TrainConfig(StageConfig):
         from .backends.registry import CAPTIONERS, known
 
         return known(CAPTIONERS, v)
-    # None = the preset's default (icsd: CLIP ViT-B/32 at 384 + bert-base-uncased, lr 1e-5;
-    # prefix: CLIP ViT-B/32 at 224 + gpt2, lr 2e-5; tiny: random shapes at 64 px, lr 1e-3)
-    vision_model: str | None = Field(default=None, description="CLIP id or path (default per preset).")
-    text_model: str | None = Field(
-        default=None, description="BERT (icsd) or causal LM (prefix) id or path (default per preset)."
-    )
-    image_size: int | None = Field(
-        default=None,
-        ge=8,
-        description="Input size (default per preset; icsd: 384, position embeddings interpolated).",
-    )
-    prompt: str = Field(default="a picture of ", description="Text the decoder starts from.")
-    caption_style: Literal["plain", "official"] = Field(
-        default="plain",
-        description="Training caption text: plain (whitespace collapsed) | official (lower-cased, "
-        '.!"()*#:;~ replaced by spaces, at most caption_max_words words).',
-    )
-    caption_max_words: int | None = Field(
-        default=None, ge=1, description="With caption_style official: words kept per caption (official: 30)."
-    )
-    test_resize: Literal["crop", "squash"] = Field(
-        default="crop",
-        description="Test-time image: crop (shortest side to image_size, centre crop) | squash "
-        "(resized to image_size x image_size, bicubic, as the official code). Saved in the checkpoint.",
-    )
     decode_lengths: Literal["new", "total"] = Field(
         default="new",
         description="Validation min/max_new_tokens count new tokens only, or (total) the prompt's "
         "tokens too, as the official min_length/max_length do.",
-    )
-    decoder_style: Literal["blip", "bert"] | None = Field(
-        default=None,
-        description="blip: the official decoder ([DEC] start token, LM-head transform freshly initialised) | "
-        "bert: the text model's own MLM head from [CLS] (default per preset; icsd: blip, others: bert).",
-    )
-    length_norm: Literal["new", "total"] | None = Field(
-        default=None,
-        description="Beam scores divided by the new tokens, or (total) by the whole sequence with the prompt, "
-        "as transformers 4.15 in the official code (default per preset; icsd: total, others: new). Saved in "
-        "the checkpoint.",
-    )
-    decode_dtype: Literal["fp32", "bf16"] | None = Field(
-        default=None,
-        description="Decoding precision on GPU: fp32 (the official) | bf16 autocast (default per preset; "
-        "icsd: fp32, others: bf16). Saved in the checkpoint.",
     )
     val_tokenizer: Literal["simple", "ptb"] = Field(
         default="simple",
@@ -365,9 +332,6 @@ class TrainConfig(StageConfig):
     )
     lr: float | None = Field(
         default=None, gt=0, description="Peak learning rate (default per preset; icsd 1e-5)."
-    )
-    dropout: float | None = Field(
-        default=None, ge=0, lt=1, description="Decoder dropout (default per preset)."
     )
     max_tokens: int = Field(
         default=40, ge=4, description="Longest training caption in tokens, the prompt included."
@@ -433,10 +397,14 @@ class TrainConfig(StageConfig):
     device: str = Field(default="auto", description="auto|cpu|cuda.")
     bf16: bool = Field(default=True, description="bf16 autocast on GPU.")
     compile: bool = Field(default=False, description="torch.compile the model.")
-    beams: int = Field(default=3, ge=1, description="Beam width of validation decoding.")
-    min_new_tokens: int = Field(default=5, ge=0, description="Shortest validation caption in tokens.")
-    max_new_tokens: int = Field(default=30, ge=1, description="Longest validation caption in tokens.")
     tensorboard: bool = Field(default=False, description="Also log to RUN/train/tensorboard.")
+
+    def chosen_backend(self) -> str:
+        return self.preset
+
+    if TYPE_CHECKING:  # the captioner family's options (``cfg.vision_model``, ``cfg.beams``): fields of the section
+
+        def __getattr__(self, key: str) -> Any: ...
 
 
 class EvaluateConfig(StageConfig):

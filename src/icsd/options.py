@@ -66,12 +66,28 @@ def registry_of(config: type[StageConfig]) -> Registry[Any]:
     return registry
 
 
+def declared_options(config: type[StageConfig], name: str, warn: Callable[[str], None] | None = None) -> Any:
+    """The options model of backend ``name`` of ``config``'s registry: the model registered beside
+    it (imported without the backend), else the backend's ``Options``; None for a plugin that fails
+    to import (reported through ``warn``)."""
+    from .registry import import_entry
+
+    registry = registry_of(config)
+    hint = registry.options_entry(name)
+    if hint is not None:
+        return import_entry(hint)
+    backend = registry.get(name) if warn is None else registry.get_or_warn(name, warn)
+    return None if backend is None else options_model(backend, default_options(config))
+
+
 def owners(config: type[StageConfig], warn: Callable[[str], None]) -> dict[str, list[tuple[str, FieldInfo]]]:
     """Every option key of the backends registered for ``config``, with each backend declaring it."""
     found: dict[str, list[tuple[str, FieldInfo]]] = {}
-    default = default_options(config)
-    for name, backend in registry_of(config).loadable(warn):
-        for key, info in options_model(backend, default).model_fields.items():
+    for name in registry_of(config).names():
+        model = declared_options(config, name, warn)
+        if model is None:
+            continue
+        for key, info in model.model_fields.items():
             found.setdefault(key, []).append((name, info))
     return found
 
@@ -112,7 +128,7 @@ def backend_options(cfg: StageConfig) -> Any:
     ``backend`` is the chosen backend's name."""
     config = type(cfg)
     name = cfg.chosen_backend()
-    model = options_model(registry_of(config).get(name), default_options(config))
+    model = declared_options(config, name)
     values = {key: getattr(cfg, key) for key in model.model_fields if hasattr(cfg, key)}
     if "backend" in model.model_fields:
         values["backend"] = name

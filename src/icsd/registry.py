@@ -84,14 +84,20 @@ class Registry(Generic[T]):
         self.what = what
         self.group = group
         self._entries: dict[str, T | str] = {}
+        self._options: dict[str, str] = {}
         self._plugins: dict[str, Plugin] = {}
         self._scanned: tuple[tuple[EntryPoint, str], ...] | None = None
 
-    def register(self, name: str, entry: T | str | None = None) -> Callable[[T], T]:
+    def register(self, name: str, entry: T | str | None = None, *, options: str | None = None) -> Callable[[T], T]:
         """Register ``entry`` (an object, or ``"module:attr"`` to import on first use) under ``name``.
 
-        Without ``entry`` it returns a decorator: ``@REG.register("name")``.
+        Without ``entry`` it returns a decorator: ``@REG.register("name")``. ``options``
+        (``"module:attr"``) names the entry's options model where importing the entry itself is
+        heavy, so that a config section can list its options without importing it (the entry's
+        ``Options`` must be that model: the contract tests check it).
         """
+        if options is not None:
+            self._options[name] = options
         if entry is not None:
             self._add(name, entry)
 
@@ -104,7 +110,12 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         """Remove ``name`` (for tests that register a part for a while)."""
         self._entries.pop(name, None)
+        self._options.pop(name, None)
         self._plugins.pop(name, None)
+
+    def options_entry(self, name: str) -> str | None:
+        """The ``"module:attr"`` of ``name``'s options model given at registration, if any."""
+        return self._options.get(name)
 
     def _add(self, name: str, entry: T | str) -> None:
         current = self._entries.get(name)
@@ -176,9 +187,17 @@ class Registry(Generic[T]):
         """Every entry that loads, in order; a plugin that does not is reported through ``warn``
         (one line) and left out, so that one broken package cannot take the rest down."""
         for name in self.names():
-            try:
-                yield name, self.get(name)
-            except UserError as exc:
-                if self.plugin(name) is None:
-                    raise
-                warn(f"warning: {exc}; left out")
+            loaded = self.get_or_warn(name, warn)
+            if loaded is not None:
+                yield name, loaded
+
+    def get_or_warn(self, name: str, warn: Callable[[str], None]) -> T | None:
+        """:meth:`get`, except that a plugin that fails to import is one line through ``warn``
+        and None."""
+        try:
+            return self.get(name)
+        except UserError as exc:
+            if self.plugin(name) is None:
+                raise
+            warn(f"warning: {exc}; left out")
+            return None

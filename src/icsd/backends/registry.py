@@ -33,10 +33,14 @@ EMBEDDERS.register("sentence-transformers", "icsd.backends.embedders:SentenceTra
 EMBEDDERS.register("clip", "icsd.backends.embedders:CLIPTextEmbedder")
 
 CAPTIONERS: Registry[Any] = Registry("captioner preset", "icsd.captioners")
-CAPTIONERS.register("icsd", "icsd.backends.captioning.icsd:IcsdCaptioner")
-CAPTIONERS.register("prefix", "icsd.backends.captioning.prefix:PrefixCaptioner")
-CAPTIONERS.register("tiny", "icsd.backends.captioning.tiny:TinyCaptioner")
-CAPTIONERS.register("sandbox", "icsd.sandbox.captioner:SandboxCaptioner")
+# each with its options model, importable without torch (the train section lists their fields)
+_CAPTIONER_OPTIONS = "icsd.backends.captioning.options:CaptionerOptions"
+CAPTIONERS.register("icsd", "icsd.backends.captioning.icsd:IcsdCaptioner", options=_CAPTIONER_OPTIONS)
+CAPTIONERS.register(
+    "prefix", "icsd.backends.captioning.prefix:PrefixCaptioner", options="icsd.backends.captioning.options:PrefixOptions"
+)
+CAPTIONERS.register("tiny", "icsd.backends.captioning.tiny:TinyCaptioner", options=_CAPTIONER_OPTIONS)
+CAPTIONERS.register("sandbox", "icsd.sandbox.captioner:SandboxCaptioner", options=_CAPTIONER_OPTIONS)
 
 
 def known(registry: Registry[Any], name: str, *also: str) -> str:

@@ -110,23 +110,9 @@ def load_train_data(run: RunDir, cfg: TrainConfig) -> TrainData:
 
 
 def captioner_spec(cfg: TrainConfig) -> CaptionerSpec:
-    return CaptionerSpec(
-        preset=cfg.preset,
-        vision_model=cfg.vision_model,
-        text_model=cfg.text_model,
-        image_size=cfg.image_size,
-        prompt=cfg.prompt,
-        dropout=cfg.dropout,
-        beams=cfg.beams,
-        min_new_tokens=cfg.min_new_tokens,
-        max_new_tokens=cfg.max_new_tokens,
-        caption_style=cfg.caption_style,
-        caption_max_words=cfg.caption_max_words,
-        test_resize=cfg.test_resize,
-        decoder_style=cfg.decoder_style,
-        length_norm=cfg.length_norm,
-        decode_dtype=cfg.decode_dtype,
-    ).resolved()
+    """The captioner family's options as the config gives them, with the family's defaults."""
+    spec: CaptionerSpec = cfg.options().resolved()
+    return spec
 
 
 def epoch_cosine(step: int, steps_per_epoch: int, total: int, warmup: int) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ...errors import UserError
-from ..registry import CAPTIONERS
 from .hf import check_all_weights_loaded, quiet_transformers
-from .text import DEFAULT_PROMPT, TextBatch, official_caption, special_ids
+from .options import CaptionerOptions
+from .text import TextBatch, official_caption, special_ids
 from .vision import squash_processor
 
 if TYPE_CHECKING:
@@ -31,40 +31,9 @@ if TYPE_CHECKING:
 CAPTIONER_FILE = "captioner.json"
 
 
-@dataclass(frozen=True)
-class CaptionerSpec:
-    """What to build: a preset (captioner family) and the components it starts from."""
-
-    preset: str = "icsd"
-    vision_model: str | None = None
-    text_model: str | None = None
-    image_size: int | None = None
-    prompt: str = DEFAULT_PROMPT
-    dropout: float | None = None
-    vision_feature_layer: int = -2
-    beams: int = 3
-    min_new_tokens: int = 5
-    max_new_tokens: int = 30
-    caption_style: str = "plain"
-    caption_max_words: int | None = None
-    test_resize: str = "crop"
-    #: ``blip``: the official decoder (a ``[DEC]`` start token, the LM-head transform freshly
-    #: initialised); ``bert``: the text model's own MLM head, starting from ``[CLS]``
-    decoder_style: str | None = None
-    #: beam scores over the ``new`` tokens or the ``total`` sequence (:mod:`.decoding`)
-    length_norm: str | None = None
-    #: ``fp32`` | ``bf16`` (autocast) decoding on a GPU
-    decode_dtype: str | None = None
-
-    @property
-    def family(self) -> type[CaptionerFamily]:
-        """The registered family of ``preset`` (a one-line error listing the known ones if none)."""
-        family: type[CaptionerFamily] = CAPTIONERS.get(self.preset)
-        return family
-
-    def resolved(self) -> CaptionerSpec:
-        """The spec with the family's defaults filled in."""
-        return self.family.resolve(self)
+#: What to build: a preset (captioner family) and the components it starts from, with its decoding
+#: settings: the family's validated options (``CaptionerSpec(preset="tiny", max_new_tokens=8)``).
+CaptionerSpec = CaptionerOptions
 
 
 # ----------------------------------------------------------------------------- families
@@ -80,6 +49,9 @@ class CaptionerFamily:
     """
 
     name: ClassVar[str] = ""
+    #: its settings (a pydantic model; a family with settings of its own declares a subclass and
+    #: registers it beside the family: :mod:`.options`)
+    Options: ClassVar[type[CaptionerOptions]] = CaptionerOptions
     #: written to ``captioner.json`` for people reading the folder (nothing branches on it)
     kind: ClassVar[str] = ""
     #: the ``model_type`` in ``config.json`` of the checkpoints it saves
@@ -97,11 +69,12 @@ class CaptionerFamily:
 
     @classmethod
     def resolve(cls, spec: CaptionerSpec) -> CaptionerSpec:
-        values = asdict(spec)
+        """``spec`` as this family's options, with its defaults where ``spec`` leaves None."""
+        values = spec.model_dump()
         for key, value in {**cls.common_defaults, **cls.defaults}.items():
-            if values[key] is None:
+            if values.get(key) is None:
                 values[key] = value
-        return CaptionerSpec(**values)
+        return cls.Options.model_validate(values)
 
     @classmethod
     def build(cls, spec: CaptionerSpec) -> CaptionModel:

@@ -15,6 +15,7 @@ import torch
 from ...errors import UserError
 from .base import CaptionerFamily, CaptionerSpec, CaptionModel
 from .hf import quiet_transformers
+from .options import PrefixOptions
 from .text import IMAGE_TOKEN, TextBatch, encode_prefix_texts, prefix_prompt_text
 from .vision import load_clip_vision
 
@@ -46,6 +47,7 @@ class PrefixCaptioner(CaptionerFamily):
     """Frozen CLIP features -> MLP projector -> prefix of a causal LM, as a Llava model."""
 
     name = "prefix"
+    Options = PrefixOptions
     kind = "prefix"
     model_type = "llava"
     defaults = {"vision_model": "openai/clip-vit-base-patch32", "text_model": "gpt2", "image_size": None}
@@ -91,7 +93,7 @@ class PrefixCaptioner(CaptionerFamily):
             text_config=text_config,
             image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),  # type: ignore[arg-type]
             image_seq_length=num_tokens,
-            vision_feature_layer=spec.vision_feature_layer,
+            vision_feature_layer=PrefixOptions.model_validate(spec.model_dump()).vision_feature_layer,
             vision_feature_select_strategy="default",
             projector_hidden_act="gelu",
         )

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from ...errors import UserError
+from .options import DEFAULT_PROMPT  # noqa: F401 - where the decoders read it
 
-DEFAULT_PROMPT = "a picture of "
 IMAGE_TOKEN = "<image>"
 #: the decoder start token and the encoder token the official (BLIP-based) tokenizer adds
 DEC_TOKEN = "[DEC]"
