@@ -93,3 +93,18 @@ def test_gpu_all_runs_with_tiny_shapes_on_cpu(tmp_path: Path) -> None:
     assert "ratio icsd/reference:" in train["log_tail"] and "GFLOP/sample" in train["log_tail"]
     assert train["result"]["reference_samples_per_s"] > 0 and train["result"]["icsd"]["samples_per_s"] > 0
     assert 0 <= train["result"]["icsd"]["data_wait_frac"] < 1
+
+
+def test_readme_rehearsal_and_the_cost_doc_state_one_recipe() -> None:
+    """README's paper-config rehearsal (corpus absent: the recipe's sizes) shows the GPU-hours and
+    the pairs of docs/cost.md: one cost model, one set of recipe sizes."""
+    from icsd import cost_model
+
+    recipe = cost_model.project({})
+    readme = (REPO / "README.md").read_text()
+    cost_doc = (REPO / "docs" / "cost.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("GPU cost model:"))
+    assert f": {recipe['gpu_hours']:,.1f} GPU-h" in line, "rerun the README's rehearsal and paste its output"
+    pairs = f"{recipe['sizes']['pairs']['value']:,}"
+    assert f"| {pairs} |" in readme and f"- pairs: {pairs} " in cost_doc
+    assert f"**{recipe['gpu_hours']:.1f}**" in cost_doc
