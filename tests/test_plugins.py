@@ -131,6 +131,18 @@ def test_an_installed_plugin_package_runs_through_the_cli(
     assert stats["captions"] == 300 and len(stats["top"]) == 3
 
 
+def test_a_plugin_stage_takes_part_in_a_rehearsal_through_its_hook(installed_plugins: Path, tmp_path: Path) -> None:
+    run = tmp_path / "rehearsal"
+    out = icsd("run", "--rehearse", "--run", str(run), env=env_with(installed_plugins)).stdout
+    assert "| wordstats |" in out
+    doc = json.loads((run / "rehearsal.json").read_text())
+    rows = {r["stage"]: r for r in doc["stages"]}
+    row = rows["wordstats"]  # after the built-in stages, projected by the plugin's own hook
+    assert list(rows)[-1] == "wordstats" and row["projection"] == "seconds per caption x corpus captions"
+    assert row["units"] == rows["ingest"]["units"] and row["full_units"] == doc["sizes"]["captions"]["value"] > row["units"]
+    assert row["projected_seconds"] > 0
+
+
 def test_a_plugin_stage_is_a_command_with_its_settings(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

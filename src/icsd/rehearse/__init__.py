@@ -249,12 +249,13 @@ def render_table(doc: dict[str, Any], rows: list[Row]) -> str:
         f"GPU cost model: {doc['gpu_cost_model'].get('status', 'see rehearsal.json')}",
     ]
     bad_models = [m for m in doc["models"] if m.get("roundtrip") and not m["roundtrip"].get("ok")]
-    out.append(
-        "Checkpoints: every built model reloads with plain transformers/diffusers to the same outputs."
-        if not bad_models
-        else f"Checkpoints: {len(bad_models)} model(s) reload to DIFFERENT outputs: "
-        + ", ".join(m["model_id"] for m in bad_models)
-    )
+    if not any(m.get("roundtrip") for m in doc["models"]):
+        out.append("Checkpoints: no model was built (every model the config names is local or packaged).")
+    elif not bad_models:
+        out.append("Checkpoints: every built model reloads with plain transformers/diffusers to the same outputs.")
+    else:
+        out.append(f"Checkpoints: {len(bad_models)} model(s) reload to DIFFERENT outputs: "
+                   + ", ".join(m["model_id"] for m in bad_models))  # fmt: skip
     out += doc["findings"]
     if doc["missing_paths"]:
         out.append("Missing data paths (the full run needs them):")

@@ -86,6 +86,11 @@ class SandboxCaptioner(TinyCaptioner):
     augment = False
 
     @classmethod
+    def components(cls, spec: CaptionerSpec) -> list[tuple[str, str, str]]:
+        """None to build: the encoder is the packaged one of the world (or a local folder)."""
+        return []
+
+    @classmethod
     def build(cls, spec: CaptionerSpec) -> CaptionModel:
         from transformers import BertConfig, BertLMHeadModel, BertTokenizer
 

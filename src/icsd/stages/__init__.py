@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ._base import StageResult, StageSpec, Timer, finish_stage  # noqa: F401 (see __getattr__)
+    from ._base import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage  # noqa: F401 (see __getattr__)
 
 STAGES: Registry[StageSpec] = Registry("stage", "icsd.stages")
 STAGES.register("ingest", "icsd.stages.ingest:SPEC")
@@ -56,7 +56,7 @@ def stage_spec(name: str) -> StageSpec:
     return STAGES.get(name)
 
 
-_PUBLIC = ("StageResult", "StageSpec", "Timer", "finish_stage")
+_PUBLIC = ("RehearsalHooks", "StageResult", "StageSpec", "Timer", "finish_stage")
 
 
 def __getattr__(name: str) -> object:

@@ -20,10 +20,10 @@ def models(ctx: StageRehearsal) -> None:
     from .trainer import captioner_spec
 
     spec = captioner_spec(ctx.configured)
-    if spec.vision_model:
-        ctx.need("captioner image encoder", "vision_model", spec.vision_model, "vision")
-    if spec.text_model:
-        ctx.need("captioner text decoder", "text_model", spec.text_model, "text")
+    for role, setting, use in spec.family.components(spec):
+        ctx.need(role, setting, getattr(spec, setting), use)
+    if not spec.family.components(spec):
+        ctx.note(f"the {spec.preset} captioner's components are used as they are")
 
 
 def reduce(ctx: StageRehearsal) -> None:
@@ -77,7 +77,8 @@ def project(ctx: StageRehearsal) -> Row:
     validations = math.ceil(total_steps / cfg.eval_every) if total_steps else 0
     val_seconds = validations * validation_images(cfg) * (per_val_image or 0.0)
     trainable = model_parameters(ctx.run_dir)
-    row = ctx.row(architecture=f"{architecture} + cross-attention ({cfg.preset} preset, {image_size(ctx.run_dir)} px)",
+    built = f"{architecture} + cross-attention " if architecture != "-" else ""
+    row = ctx.row(architecture=f"{built}({cfg.preset} preset, {image_size(ctx.run_dir)} px)",
                   parameters=trainable or parameters,
                   settings={"preset": cfg.preset, "image_size": cfg.image_size, "prompt": cfg.prompt,
                             "label_smoothing": cfg.label_smoothing, "lr": cfg.lr, "weight_decay": cfg.weight_decay,

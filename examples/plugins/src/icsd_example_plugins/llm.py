@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from icsd.llm import LLMOptions, ChatAnswer, ChatBackend, ChatRequest
+from icsd.llm import ChatAnswer, ChatBackend, ChatRequest, LLMOptions
 
 _NUMBERED = re.compile(r"^\s*(\d+)[.)]\s+(.*\S)\s*$")
 _ANGLED = re.compile(r"<(\d+)>\s*(.*?)(?=\s*<\d+>|\s*$)", re.S)

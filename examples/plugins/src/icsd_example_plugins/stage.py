@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from icsd.config import StageConfig
 from icsd.records import Caption, from_table
-from icsd.stages import StageResult, StageSpec, Timer, finish_stage
+from icsd.stages import RehearsalHooks, StageResult, StageSpec, Timer, finish_stage
 from icsd.store import RunDir, atomic_write_json, read_parquet
 
 OUTPUT = "wordstats.json"
@@ -47,6 +48,16 @@ def _inputs(cfg: CaptionStatsConfig, run: RunDir) -> list[Path]:
     return [run.captions]
 
 
+def _project(ctx: Any) -> Any:
+    """Its row of ``icsd run CONFIG --rehearse`` (``ctx``: ``icsd.rehearse.hooks.StageRehearsal``):
+    the full corpus, whose size the ingest stage's hook filled in, at the slice's speed."""
+    counted = int(ctx.record.counts.get("captions", 0))
+    full = int(ctx.size("captions") or 0)
+    seconds = ctx.record.seconds / counted if counted else None
+    return ctx.row(unit="caption", units=counted, seconds_per_unit=seconds, full_units=full,
+                   projected_seconds=(seconds or 0.0) * full, projection="seconds per caption x corpus captions")  # fmt: skip
+
+
 SPEC = StageSpec(
     name="wordstats",
     config=CaptionStatsConfig,
@@ -55,4 +66,6 @@ SPEC = StageSpec(
     outputs=lambda run: [run.root / OUTPUT],
     summary="Word statistics of the ingested captions into RUN/wordstats.json.",
     examples=("icsd wordstats --run runs/demo --top 5",),
+    report_counts=(("captions", "captions counted"), ("vocabulary", "distinct words")),
+    rehearsal=RehearsalHooks(project=_project),
 )

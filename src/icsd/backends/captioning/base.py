@@ -77,6 +77,13 @@ class CaptionerFamily:
         return cls.Options.model_validate(values)
 
     @classmethod
+    def components(cls, spec: CaptionerSpec) -> list[tuple[str, str, str]]:
+        """The pretrained components a resolved spec loads by name, as ``(role, setting, use)``
+        (``use``: vision | text): what ``icsd run --rehearse`` builds with random weights."""
+        named = [("captioner image encoder", "vision_model", "vision"), ("captioner text decoder", "text_model", "text")]
+        return [c for c in named if getattr(spec, c[1])]
+
+    @classmethod
     def build(cls, spec: CaptionerSpec) -> CaptionModel:
         """The model of a resolved spec, from its components (pretrained where the spec names them)."""
         raise NotImplementedError
