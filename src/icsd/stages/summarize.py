@@ -715,7 +715,7 @@ def _rehearsal_project(ctx: StageRehearsal) -> Row:
     cfg = ctx.configured
     requests = list(ctx.memo["server"].requests)
     words = [len(str(m.get("content", "")).split()) for q in requests for m in q.get("messages", [])]
-    mean_words = sum(words) // max(1, len(requests))
+    mean_words = sum(words) / max(1, len(requests))
     full = int(ctx.size("captions") or 0)  # every caption heads a set; identical sets are rare at full size
     source = "one request per candidate set, one set per caption"
     if cfg.limit and cfg.limit < full:
@@ -730,10 +730,10 @@ def _rehearsal_project(ctx: StageRehearsal) -> Row:
                    settings={"mode": cfg.mode, "min_select": cfg.min_select, "max_select": cfg.max_select,
                              "max_words": cfg.max_words, "max_new_tokens": cfg.max_new_tokens,
                              "temperature": cfg.temperature, "concurrency": cfg.concurrency,
-                             "prompt_words_per_request": round(sum(words) / max(1, len(requests)), 1)},
+                             "prompt_words_per_request": round(mean_words, 1)},
                    unit="prompt", units=len(requests), seconds_per_unit=per(ctx.record.seconds, len(requests)),
                    full_units=full, projected_seconds=None,
-                   projection=f"{full:,} requests of ~{mean_words} words, up to {cfg.max_new_tokens} new tokens "
+                   projection=f"{full:,} requests of ~{mean_words:.0f} words, up to {cfg.max_new_tokens} new tokens "
                               "each: time depends on the LLM server")  # fmt: skip
 
 
