@@ -97,7 +97,8 @@ def gpu_cost_model(sizes: dict[str, Size]) -> dict[str, Any]:
         return {"status": f"cost model failed: {type(exc).__name__}: {exc}"}
     return {
         "status": f"GPU-hours from icsd.cost_model (docs/cost.md) at this config's sizes: {result['gpu_hours']:,.1f} "
-        "GPU-h (icsd, ungrouped training, LLM included; its rates say which are measured and which estimated)",
+        "GPU-h (icsd, ungrouped training, LLM included; the rates are the paper recipe's models on one "
+        "H200, each marked measured or estimated there)",
         **result,
     }
 
