@@ -137,10 +137,11 @@ def rehearse(
         if not c.ok:
             echo(f"path {c.line()}")
     specs = [stage_spec(name) for name in pipeline.enabled_stages(cfg)]
+    on_gpu = cuda_available()
     with contextlib.ExitStack() as resources:
         sizes: dict[str, Size] = {}
         parts = {
-            spec.name: StageRehearsal(spec.name, getattr(cfg, spec.name), cfg, opts, checks, cuda_available(),
+            spec.name: StageRehearsal(spec.name, getattr(cfg, spec.name), cfg, opts, checks, on_gpu,
                                       resources, sizes, run_dir=run_path)
             for spec in specs
         }  # fmt: skip
